@@ -1,0 +1,92 @@
+"""Atomic file writes and checksums shared by every stage.
+
+A killed run must never leave a file under its final name that looks finished, so every writer
+goes through `atomic_path`: the data lands under a temporary name and is renamed only after the
+writer returned without error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+TMP_MARK = ".tmp-"
+
+
+def temp_name(final: Path) -> Path:
+    """`<stem>.tmp-<pid><suffix>`: keeps the suffix so format-sniffing writers still work."""
+    final = Path(final)
+    return final.with_name(f"{final.stem}{TMP_MARK}{os.getpid()}{final.suffix}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it over `final` on success.
+
+    Works for files and directories (a directory is renamed as a whole; an existing final
+    directory is replaced).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    _remove(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and final.is_dir():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def is_temp(path: str | Path) -> bool:
+    return TMP_MARK in Path(path).name
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temp files left by killed runs (their pid no longer exists)."""
+    removed = 0
+    if not directory.is_dir():
+        return 0
+    for entry in directory.iterdir():
+        if not is_temp(entry):
+            continue
+        pid_part = entry.name.split(TMP_MARK, 1)[1].split(".", 1)[0]
+        if pid_part.isdigit() and _pid_alive(int(pid_part)):
+            continue
+        _remove(entry)
+        removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,129 @@
+"""The one place that knows where every file of an animal lives.
+
+Names follow the lab pipeline slidepipe replaces (preps/, www/neuroglancer_data/ ...), so users'
+scripts and habits carry over. Stages ask this module for paths and never build them by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+THUMBNAIL_FACTOR = 32
+"""Extracted thumbnails are 1/32 of full resolution in x and y."""
+
+
+def resolution_name(downsample: bool) -> str:
+    return "thumbnail" if downsample else "full"
+
+
+def section_name(position: int) -> str:
+    """File stem of the section at `position` in the ordered active list."""
+    return f"{position:03d}"
+
+
+@dataclass(frozen=True)
+class AnimalLayout:
+    data_root: Path
+    animal: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_root", Path(self.data_root).absolute())
+
+    # --- roots -----------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self.data_root / self.animal
+
+    @property
+    def czi_dir(self) -> Path:
+        return self.root / "czi"
+
+    @property
+    def preps(self) -> Path:
+        return self.root / "preps"
+
+    @property
+    def www(self) -> Path:
+        return self.root / "www"
+
+    # --- extract ---------------------------------------------------------------------------
+    @property
+    def tif_dir(self) -> Path:
+        return self.preps / "tif"
+
+    @property
+    def thumbnail_original_dir(self) -> Path:
+        return self.preps / "thumbnail_original"
+
+    @staticmethod
+    def extracted_name(slide_stem: str, scene_index: int, channel: int) -> str:
+        """Stable name of one extracted scene channel (scene 1-based as in ZEN)."""
+        return f"{slide_stem}_S{scene_index + 1}_C{channel}.tif"
+
+    def extracted_tif(self, slide_stem: str, scene_index: int, channel: int) -> Path:
+        return self.tif_dir / self.extracted_name(slide_stem, scene_index, channel)
+
+    def extracted_thumbnail(self, slide_stem: str, scene_index: int, channel: int) -> Path:
+        return self.thumbnail_original_dir / self.extracted_name(slide_stem, scene_index, channel)
+
+    def scene_png(self, slide_stem: str, scene_index: int) -> Path:
+        return self.www / "scene" / f"{slide_stem}_S{scene_index + 1}.png"
+
+    # --- per-channel section stacks --------------------------------------------------------
+    def channel_dir(self, channel: int) -> Path:
+        return self.preps / f"CH{channel}"
+
+    def masks_dir(self, kind: str, downsample: bool = True, channel: int = 1) -> Path:
+        """kind: 'masked' (binary 0/255) or 'colored' (editable overlay)."""
+        return self.preps / "masks" / f"CH{channel}" / f"{resolution_name(downsample)}_{kind}"
+
+    def mask(self, position: int, downsample: bool = True, kind: str = "masked") -> Path:
+        return self.masks_dir(kind, downsample) / f"{section_name(position)}.tif"
+
+    def cleaned_dir(self, channel: int, downsample: bool) -> Path:
+        return self.channel_dir(channel) / f"{resolution_name(downsample)}_cleaned"
+
+    def cleaned(self, channel: int, downsample: bool, position: int) -> Path:
+        return self.cleaned_dir(channel, downsample) / f"{section_name(position)}.tif"
+
+    def aligned_dir(self, channel: int, downsample: bool) -> Path:
+        return self.channel_dir(channel) / f"{resolution_name(downsample)}_aligned"
+
+    def aligned(self, channel: int, downsample: bool, position: int) -> Path:
+        return self.aligned_dir(channel, downsample) / f"{section_name(position)}.tif"
+
+    # --- QC --------------------------------------------------------------------------------
+    def section_png_dir(self, channel: int, downsample: bool = True) -> Path:
+        return self.www / "section" / f"CH{channel}_{resolution_name(downsample)}"
+
+    def histogram_dir(self, channel: int) -> Path:
+        return self.www / "histogram" / f"CH{channel}"
+
+    def metrics_dir(self) -> Path:
+        return self.www / "metrics"
+
+    # --- published volumes -----------------------------------------------------------------
+    @property
+    def neuroglancer_data(self) -> Path:
+        return self.www / "neuroglancer_data"
+
+    def precomputed_layer(self, channel: int, downsample: bool, rechunkme: bool = False) -> Path:
+        name = f"C{channel}{'T' if downsample else ''}{'_rechunkme' if rechunkme else ''}"
+        return self.neuroglancer_data / name
+
+    def omezarr(self, channel: int, downsample: bool = False) -> Path:
+        return self.www / "omezarr" / f"C{channel}{'T' if downsample else ''}.ome.zarr"
+
+    # --- provenance relative paths ---------------------------------------------------------
+    def relative(self, path: Path) -> str:
+        """Path as stored in file_log: relative to the data root, POSIX separators."""
+        path = Path(path).absolute()
+        try:
+            return path.relative_to(self.data_root).as_posix()
+        except ValueError:
+            return path.as_posix()
+
+    def absolute(self, stored: str) -> Path:
+        path = Path(stored)
+        return path if path.is_absolute() else self.data_root / path
