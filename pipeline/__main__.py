@@ -1,0 +1,5 @@
+import sys
+
+from pipeline.create_pipeline import main
+
+sys.exit(main())

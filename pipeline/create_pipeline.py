@@ -1,0 +1,276 @@
+"""The stage runner's command line: `create_pipeline --animal ID --task STAGE`.
+
+Also `create_pipeline sample|serve|worker|tiff2omezarr ...` for the helper commands. Runnable as
+the console script, as `python -m pipeline`, or as this file directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import shlex
+import sys
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import Settings  # noqa: E402
+from pipeline.errors import ConfigError, SlidepipeError  # noqa: E402
+
+STAGES = ["extract", "mask", "clean", "histogram", "align", "create_metrics", "neuroglancer", "omezarr"]
+TASKS = STAGES + ["status", "all"]
+SUBCOMMANDS = ("sample", "serve", "worker", "tiff2omezarr")
+
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+
+log = logging.getLogger("slidepipe")
+
+
+def _bool(text: str) -> bool:
+    from pipeline.stages.common import _bool as parse
+
+    return parse(text)
+
+
+def stage_module(name: str):
+    """The module of a stage, or None while that stage is not built in this version."""
+    if importlib.util.find_spec(f"pipeline.stages.{name}") is None:
+        return None
+    return importlib.import_module(f"pipeline.stages.{name}")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (flags > SLIDEPIPE_* environment > --config TOML > defaults)")
+    group.add_argument("--data-root", type=Path, default=None, help="where animals' files live (default ./data)")
+    group.add_argument("--db-url", default=None, help="SQLAlchemy URL (default sqlite:///<data-root>/slidepipe.db; "
+                                                      "MySQL: mysql+pymysql://user:pw@host/db)")
+    group.add_argument("--workers", type=int, default=None, help="parallel worker processes (default: all cores)")
+    group.add_argument("--queue", dest="queue_url", default=None, help="task queue URL (fq://PATH or sqs://NAME)")
+    group.add_argument("--config", type=Path, default=None, help="TOML settings file")
+    group.add_argument("--debug", action="store_true", default=None, help="run tasks inline and show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline.stages.common import add_scan_run_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="create_pipeline",
+        description="Run one slidepipe stage for an animal. Without --task, print the animal's status.",
+        epilog="Other commands: create_pipeline sample|serve|worker|tiff2omezarr --help",
+    )
+    parser.add_argument("--animal", required=True, help="animal (prep) id, e.g. DK39")
+    parser.add_argument("--task", default=None, help=f"one of: {', '.join(TASKS)}")
+    parser.add_argument("--channel", type=int, default=1, help="channel number (1-based)")
+    parser.add_argument("--downsample", type=_bool, default=True, metavar="true|false",
+                        help="true: thumbnails (1/32); false: full resolution")
+    add_common_arguments(parser)
+    add_scan_run_arguments(parser)
+    stage_group = parser.add_argument_group("stage options")
+    seen: set[str] = set()
+    for name in STAGES:
+        module = stage_module(name)
+        if module is not None and hasattr(module, "add_arguments"):
+            module.add_arguments(_DedupGroup(stage_group, seen))
+    return parser
+
+
+class _DedupGroup:
+    """Lets two stages declare the same flag (e.g. --section) without argparse conflicts."""
+
+    def __init__(self, group, seen: set[str]):
+        self._group = group
+        self._seen = seen
+
+    def add_argument(self, *names, **kwargs):
+        if any(n in self._seen for n in names):
+            return None
+        self._seen.update(names)
+        return self._group.add_argument(*names, **kwargs)
+
+    def __getattr__(self, item):
+        return getattr(self._group, item)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    flags = {name: getattr(args, name, None) for name in ("data_root", "db_url", "workers", "queue_url", "debug")}
+    return Settings.load(flags, config_file=getattr(args, "config", None))
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        setup_logging("--debug" in argv)
+        return _subcommand(argv[0], argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(bool(args.debug))
+    if args.task is not None and args.task not in TASKS:
+        print(f"error: unknown task {args.task!r}; tasks are: {', '.join(TASKS)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        settings = settings_from(args)
+        from db.session import init_db
+
+        engine = init_db(settings.database_url)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    _apply_scan_run_flags(engine, args)
+    if args.task in (None, "status"):
+        from pipeline.stages.status import print_status
+
+        print_status(engine, settings, args.animal)
+        return 0
+    names = STAGES if args.task == "all" else [args.task]
+    code = 0
+    for name in names:
+        module = stage_module(name)
+        if module is None:
+            message = f"task {name!r} is not built in this version of slidepipe yet"
+            if args.task == "all":
+                log.warning("%s: skipped", message)
+                continue
+            print(f"error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        channels = _channels_for(engine, args, module) if args.task == "all" else [args.channel]
+        for channel in channels:
+            code = max(code, run_stage(module, engine, settings, args, channel))
+        if code and args.task == "all":
+            print(f"stopping 'all' after {name} failed", file=sys.stderr)
+            break
+    return code
+
+
+def _channels_for(engine, args, module) -> list[int]:
+    if not getattr(module, "PER_CHANNEL", False):
+        return [1]
+    from db.session import session_scope
+    from pipeline.stages.common import active_scan_run
+
+    with session_scope(engine) as session:
+        run = active_scan_run(session, args.animal)
+        count = (run.channels_per_scene if run else 1) or 1
+    return list(range(1, count + 1))
+
+
+def _apply_scan_run_flags(engine, args) -> None:
+    from db.session import session_scope
+    from pipeline.stages.common import SCAN_RUN_FLAGS, ensure_scan_run
+
+    fields = {name: getattr(args, name) for name in SCAN_RUN_FLAGS if getattr(args, name, None) is not None}
+    if not fields and args.task in (None, "status"):
+        return
+    with session_scope(engine) as session:
+        ensure_scan_run(session, args.animal, fields=fields)
+
+
+def run_stage(module, engine, settings: Settings, args, channel: int) -> int:
+    from pipeline.runner import StageContext, finish_run, start_run
+
+    name = module.NAME
+    own = {k: v for k, v in vars(args).items() if k not in {"animal", "task", "config", "db_url", "data_root", "workers", "queue_url", "debug"}}
+    own["channel"] = channel
+    params = {"channel": channel, "downsample": args.downsample, **{k: v for k, v in own.items() if v is not None}}
+    resolution = "thumbnail" if args.downsample else "full"
+    command = "create_pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    run_id = start_run(engine, animal=args.animal, stage=name, channel=channel, resolution=resolution, params=params, command=command)
+    ctx = StageContext(settings=settings, engine=engine, animal=args.animal, stage=name, version=module.VERSION,
+                       channel=channel, downsample=args.downsample, params=params, args=args, run_id=run_id)
+    extra = None
+    try:
+        module.run(ctx)
+    except SlidepipeError as exc:
+        extra = str(exc)
+    except KeyboardInterrupt:
+        extra = "interrupted"
+        finish_run(engine, run_id, ctx.failures, extra)
+        raise
+    except Exception as exc:
+        extra = f"{type(exc).__name__}: {exc}"
+        if settings.debug:
+            traceback.print_exc()
+    finish_run(engine, run_id, ctx.failures, extra)
+    c = ctx.counts
+    summary = (f"{name} (channel {channel}, {resolution}): {c['tasks_run']} run, {c['tasks_skipped']} already done, "
+               f"{c['tasks_failed']} failed [pipeline_run {run_id}]")
+    print(summary, file=sys.stderr)
+    if extra:
+        print(f"error: {extra}", file=sys.stderr)
+    for failure in ctx.failures:
+        print(f"error: {failure.line()}", file=sys.stderr)
+    return EXIT_TASK_FAILED if (extra or ctx.failures) else 0
+
+
+# ---------------------------------------------------------------------------------------
+def _subcommand(name: str, argv: list[str]) -> int:
+    try:
+        if name == "sample":
+            return _sample(argv)
+        if name == "serve":
+            return _serve(argv)
+        if name == "worker":
+            return _worker(argv)
+        if name == "tiff2omezarr":
+            from pipeline.publish.omezarr import main as omezarr_main
+
+            return omezarr_main(argv) or 0
+    except SlidepipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TASK_FAILED
+    return EXIT_USAGE
+
+
+def _sample(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="create_pipeline sample", description="Write the built-in sample brain as CZI slides.")
+    parser.add_argument("--animal", default="DEMO")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--large", action="store_true", help="a bigger brain (slower)")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = settings_from(args)
+    from pipeline.sample import build_sample
+
+    truth = build_sample(settings.data_root, animal=args.animal, seed=args.seed, size="large" if args.large else "small")
+    print(f"sample brain {args.animal}: {truth}")
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="create_pipeline serve", description="Serve published volumes with Apache httpd.")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--animal", default=None, help="print Neuroglancer links for this animal")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    settings = settings_from(args)
+    from apache.launcher import serve_forever
+
+    return serve_forever(settings.data_root, args.port, animal=args.animal, db_url=settings.database_url) or 0
+
+
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="create_pipeline worker", description="Run queued igneous tasks (other machines).")
+    add_common_arguments(parser)
+    parser.add_argument("--lease-seconds", type=int, default=600)
+    args = parser.parse_args(argv)
+    settings = settings_from(args)
+    if not settings.queue_url:
+        print("error: --queue URL (or SLIDEPIPE_QUEUE_URL) is required", file=sys.stderr)
+        return EXIT_USAGE
+    from pipeline.publish.precomputed import run_worker
+
+    run_worker(settings.queue_url, lease_seconds=args.lease_seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,391 @@
+"""Plan -> skip what is done -> run the rest in a pool -> record.
+
+Every stage hands `StageContext.execute` a list of `Task`s. A task is skipped when each of its
+outputs is recorded in `file_log` with the task's fingerprint and is unchanged on disk, so a
+killed or repeated run redoes exactly the unfinished or invalidated work. Workers never touch the
+database: they return plain dicts and the main process records them, which keeps SQLite safe and
+keeps MySQL connections out of forked children.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import socket
+import sys
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from importlib import metadata
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from tqdm import tqdm
+
+from db.models import FileLog, PipelineRun
+from db.session import session_scope
+from pipeline import __version__
+from pipeline.atomic import remove_stale_temps, sha256_file
+from pipeline.config import Settings
+from pipeline.errors import SlidepipeError
+from pipeline.layout import AnimalLayout, resolution_name
+
+log = logging.getLogger("slidepipe")
+
+TRACKED_PACKAGES = (
+    "numpy", "tifffile", "imagecodecs", "opencv-python-headless", "scipy", "pylibCZIrw",
+    "aicspylibczi", "SimpleITK", "itk-elastix", "cloud-volume", "igneous-pipeline", "zarr",
+    "ome-zarr", "SQLAlchemy", "alembic",
+)
+
+
+@dataclasses.dataclass
+class Task:
+    """One unit of work: `func(**kwargs)` in a worker, producing `outputs` from `inputs`.
+
+    `params` are the settings that change the output (they enter the fingerprint); `label` is
+    the file the user should look at when the task fails (defaults to the first input).
+    """
+
+    key: str
+    func: Callable[..., Mapping[str, Any] | None]
+    kwargs: Mapping[str, Any]
+    outputs: Sequence[Path]
+    inputs: Sequence[Path] = ()
+    params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    label: str | None = None
+
+    def describe(self) -> str:
+        if self.label:
+            return self.label
+        if self.inputs:
+            return str(self.inputs[0])
+        return self.key
+
+
+@dataclasses.dataclass
+class TaskFailure:
+    key: str
+    where: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.where}: {self.reason}"
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "slidepipe": __version__}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def fingerprint(stage: str, version: int, key: str, params: Mapping[str, Any], input_checksums: Sequence[str]) -> str:
+    payload = json.dumps(
+        {"stage": stage, "version": version, "key": key, "params": params, "inputs": list(input_checksums)},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def path_stats(path: Path) -> tuple[int, int, str]:
+    """(size, mtime_ns, checksum) of a file, or of a directory tree (size = total bytes,
+    checksum over the sorted (name, size) list: hashing every chunk of a pyramid is too slow)."""
+    if path.is_dir():
+        entries = []
+        total = 0
+        for root, _dirs, files in os.walk(path):
+            for name in files:
+                full = Path(root) / name
+                size = full.stat().st_size
+                total += size
+                entries.append(f"{full.relative_to(path).as_posix()}\t{size}")
+        entries.sort()
+        digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
+        return total, 0, digest
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, sha256_file(path)
+
+
+def _run_in_worker(func: Callable, kwargs: Mapping[str, Any], outputs: Sequence[str], where: str, debug: bool):
+    """Worker side: run the task, then checksum its outputs here, in parallel, not in the parent."""
+    try:
+        result = func(**kwargs)
+        stats = {}
+        for out in outputs:
+            path = Path(out)
+            if not path.exists():
+                raise SlidepipeError("the task finished without writing this output", path)
+            stats[out] = path_stats(path)
+        return ("ok", dict(result or {}), stats)
+    except SlidepipeError as exc:
+        reason = exc.reason if exc.path else str(exc)
+        return ("error", exc.path or where, reason + (("\n" + traceback.format_exc()) if debug else ""))
+    except MemoryError:
+        return ("error", where, "out of memory")
+    except Exception as exc:  # a bug or an unexpected library error: still one line per file
+        detail = traceback.format_exc() if debug else f"{type(exc).__name__}: {exc}"
+        return ("error", where, detail)
+
+
+class StageContext:
+    """What a stage module sees: settings, paths, the DB, and `execute` for its tasks."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        engine,
+        animal: str,
+        stage: str,
+        version: int,
+        channel: int = 1,
+        downsample: bool = True,
+        params: Mapping[str, Any] | None = None,
+        args: Any = None,
+        run_id: int | None = None,
+    ):
+        self.settings = settings
+        self.engine = engine
+        self.animal = animal
+        self.stage = stage
+        self.version = version
+        self.channel = channel
+        self.downsample = downsample
+        self.params = dict(params or {})
+        self.args = args
+        self.layout = AnimalLayout(settings.data_root, animal)
+        self.run_id = run_id
+        self.failures: list[TaskFailure] = []
+        self.counts = {"tasks_total": 0, "tasks_run": 0, "tasks_skipped": 0, "tasks_failed": 0}
+        self.log = log
+
+    @property
+    def resolution(self) -> str:
+        return resolution_name(self.downsample)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        with session_scope(self.engine) as session:
+            yield session
+
+    def fail(self, where: str | Path, reason: str) -> None:
+        """Record a failure found by the stage itself (not by a task), e.g. a gap in a series."""
+        failure = TaskFailure(key="-", where=str(where), reason=reason)
+        self.failures.append(failure)
+        self.counts["tasks_failed"] += 1
+        log.error(failure.line())
+
+    # ------------------------------------------------------------------------------------
+    def execute(self, tasks: Sequence[Task], desc: str | None = None) -> dict[str, dict]:
+        """Run what is not done yet; return every task's result (run now or recorded before)."""
+        keys = [t.key for t in tasks]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate task keys in {self.stage}")
+        for directory in {Path(o).parent for t in tasks for o in t.outputs}:
+            remove_stale_temps(directory)
+        results: dict[str, dict] = {}
+        todo: list[tuple[Task, str, list[int]]] = []
+        with self.session() as session:
+            for task in tasks:
+                input_rows = [self._input_row(session, Path(p)) for p in task.inputs]
+                fp = fingerprint(self.stage, self.version, task.key, task.params, [r.checksum for r in input_rows])
+                stored = self._done_result(session, task, fp)
+                if stored is not None:
+                    results[task.key] = stored
+                    self.counts["tasks_skipped"] += 1
+                else:
+                    todo.append((task, fp, [r.id for r in input_rows]))
+        self.counts["tasks_total"] += len(tasks)
+        self._update_run_counts()
+        if todo:
+            results.update(self._run(todo, desc or self.stage))
+        return results
+
+    def _run(self, todo: list[tuple[Task, str, list[int]]], desc: str) -> dict[str, dict]:
+        results: dict[str, dict] = {}
+        bar = tqdm(total=len(todo), desc=desc, unit="task", disable=None, file=sys.stderr)
+        workers = min(self.settings.workers, len(todo))
+        try:
+            if workers <= 1 or self.settings.debug:
+                for task, fp, input_ids in todo:
+                    outcome = _run_in_worker(task.func, task.kwargs, [str(o) for o in task.outputs], task.describe(), self.settings.debug)
+                    self._finish(task, fp, input_ids, outcome, results)
+                    bar.update()
+            else:
+                self._run_pool(todo, workers, results, bar)
+        finally:
+            bar.close()
+            self._update_run_counts()
+        return results
+
+    def _run_pool(self, todo, workers, results, bar) -> None:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("fork")) as pool:
+            pending: dict[Future, tuple[Task, str, list[int]]] = {}
+            queue = list(todo)
+            while queue or pending:
+                while queue and len(pending) < workers * 2:
+                    task, fp, input_ids = queue.pop(0)
+                    future = pool.submit(
+                        _run_in_worker, task.func, task.kwargs, [str(o) for o in task.outputs], task.describe(), self.settings.debug
+                    )
+                    pending[future] = (task, fp, input_ids)
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    task, fp, input_ids = pending.pop(future)
+                    try:
+                        outcome = future.result()
+                    except BrokenProcessPool:
+                        outcome = ("error", task.describe(), "the worker process died (killed, or out of memory)")
+                    self._finish(task, fp, input_ids, outcome, results)
+                    bar.update()
+
+    def _finish(self, task: Task, fp: str, input_ids: list[int], outcome, results: dict) -> None:
+        if outcome[0] == "error":
+            _, where, reason = outcome
+            failure = TaskFailure(task.key, where, reason)
+            self.failures.append(failure)
+            self.counts["tasks_failed"] += 1
+            log.error(failure.line())
+            return
+        _, result, stats = outcome
+        with self.session() as session:
+            inputs = [session.get(FileLog, i) for i in input_ids]
+            for out in task.outputs:
+                size, mtime_ns, checksum = stats[str(out)]
+                row = FileLog(
+                    path=self.layout.relative(Path(out)),
+                    kind="output",
+                    FK_pipeline_run_id=self.run_id,
+                    task_key=task.key,
+                    fingerprint=fp,
+                    size=size,
+                    checksum=checksum,
+                    mtime_ns=mtime_ns,
+                    result=json.dumps(result, default=str),
+                    created=dt.datetime.now(),
+                )
+                row.inputs.extend(inputs)
+                session.add(row)
+        self.counts["tasks_run"] += 1
+        results[task.key] = result
+
+    # ------------------------------------------------------------------------------------
+    def _input_row(self, session: Session, path: Path) -> FileLog:
+        """The file_log row describing `path` as it is now; hashing only when it changed."""
+        rel = self.layout.relative(path)
+        if not path.exists():
+            raise SlidepipeError("input file is missing", path)
+        row = current_file_row(session, rel)
+        if path.is_dir():
+            size, mtime_ns, checksum = path_stats(path)
+            if row is not None and row.checksum == checksum:
+                return row
+        else:
+            st = path.stat()
+            if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
+                return row
+            size, mtime_ns, checksum = st.st_size, st.st_mtime_ns, sha256_file(path)
+        # Unknown to us, or changed since recorded (e.g. a hand-edited mask): record it as found.
+        row = FileLog(
+            path=rel, kind="external", size=size, checksum=checksum, mtime_ns=mtime_ns,
+            FK_pipeline_run_id=None, created=dt.datetime.now(),
+        )
+        session.add(row)
+        session.flush()
+        return row
+
+    def _done_result(self, session: Session, task: Task, fp: str) -> dict | None:
+        result: dict | None = None
+        if not task.outputs:
+            return None
+        for out in task.outputs:
+            path = Path(out)
+            row = current_file_row(session, self.layout.relative(path))
+            if row is None or row.fingerprint != fp or not path.exists():
+                return None
+            if path.is_file():
+                st = path.stat()
+                if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
+                    return None
+            if result is None:
+                result = json.loads(row.result) if row.result else {}
+        return result
+
+    def _update_run_counts(self) -> None:
+        if self.run_id is None:
+            return
+        with self.session() as session:
+            run = session.get(PipelineRun, self.run_id)
+            if run is not None:
+                for name, value in self.counts.items():
+                    setattr(run, name, value)
+
+
+def current_file_row(session: Session, relpath: str) -> FileLog | None:
+    return session.scalars(
+        select(FileLog).where(FileLog.path == relpath).order_by(FileLog.id.desc()).limit(1)
+    ).first()
+
+
+# ----------------------------------------------------------------------------------------
+# pipeline_run bookkeeping
+def start_run(engine, *, animal: str | None, stage: str, channel: int | None, resolution: str | None,
+              params: Mapping[str, Any], command: str | None = None) -> int:
+    """Create the `pipeline_run` row; first mark runs of this host whose process is gone."""
+    host = socket.gethostname()
+    with session_scope(engine) as session:
+        for stale in session.scalars(select(PipelineRun).where(PipelineRun.status == "running", PipelineRun.host == host)):
+            if stale.pid and not _pid_alive(stale.pid):
+                stale.status = "failed"
+                stale.error = (stale.error or "") + f"process {stale.pid} ended without finishing (killed?)"
+                stale.ended = stale.ended or dt.datetime.now()
+        run = PipelineRun(
+            FK_prep_id=animal,
+            stage=stage,
+            channel=channel,
+            resolution=resolution,
+            params=json.dumps(dict(params), sort_keys=True, default=str),
+            software_versions=json.dumps(software_versions(), sort_keys=True),
+            code_version=__version__,
+            host=host,
+            pid=os.getpid(),
+            command=command,
+            started=dt.datetime.now(),
+            status="running",
+        )
+        session.add(run)
+        session.flush()
+        return run.id
+
+
+def finish_run(engine, run_id: int, failures: Sequence[TaskFailure], extra_error: str | None = None) -> None:
+    with session_scope(engine) as session:
+        run = session.get(PipelineRun, run_id)
+        lines = [f.line() for f in failures]
+        if extra_error:
+            lines.append(extra_error)
+        run.status = "failed" if lines else "success"
+        run.error = "\n".join(lines) if lines else None
+        run.ended = dt.datetime.now()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
