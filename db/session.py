@@ -137,15 +137,17 @@ def _create_mysql_database(parsed: URL, url: str) -> None:
     if not name:
         raise _cannot_connect(url, "the URL names no database (mysql+pymysql://USER:PW@HOST/DATABASE)")
     server = _mysql_url(parsed._replace(database=None))  # set(database=None) keeps the name
-    engine = create_engine(server, pool_pre_ping=True)
+    engine = None
     try:
+        engine = create_engine(server)
         with engine.connect() as conn:
             quoted = conn.dialect.identifier_preparer.quote_identifier(name)
             conn.execute(text(f"CREATE DATABASE IF NOT EXISTS {quoted} CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci"))
     except Exception as exc:
         raise _cannot_connect(url, _reason(exc, parsed)) from None
     finally:
-        engine.dispose()
+        if engine is not None:
+            engine.dispose()
 
 
 def _current_revision(conn: Connection) -> str | None:
