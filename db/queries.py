@@ -11,8 +11,8 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, contains_eager, selectinload
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session, aliased, contains_eager, selectinload
 
 from db.models import FileLog, PipelineRun, ScanRun, Slide, SlideCziToTif, file_input
 from pipeline.errors import SlidepipeError
@@ -23,24 +23,48 @@ def ordered_sections(
 ) -> list[SlideCziToTif]:
     """Sections of the animal's active scan run in stack order: slide number, then the
     user-editable scene_order, then the scene's index in the file. Position i in this list is
-    the section named NNN = i by every stage after extract."""
+    the section named NNN = i by every stage after extract.
+
+    `active` and `scene_order` live on each channel row, but a position must mean the same
+    tissue in every channel: a scene counts as inactive when any of its channel rows is, and
+    the channel-1 row's scene_order orders the scene in every channel.
+    """
+    first = aliased(SlideCziToTif)  # the channel-1 row of the same scene
     query = (
         select(SlideCziToTif)
         .join(SlideCziToTif.slide)
         .join(Slide.scan_run)
+        .outerjoin(
+            first,
+            and_(
+                first.FK_slide_id == SlideCziToTif.FK_slide_id,
+                first.scene_index == SlideCziToTif.scene_index,
+                first.channel == 1,
+            ),
+        )
         .where(ScanRun.FK_prep_id == animal, ScanRun.active.is_(True), SlideCziToTif.channel == channel)
         .options(contains_eager(SlideCziToTif.slide))
         .order_by(
             ScanRun.id,
             Slide.slide_physical_id,
-            SlideCziToTif.scene_order,
+            func.coalesce(first.scene_order, SlideCziToTif.scene_order),
             SlideCziToTif.scene_index,
             Slide.id,
             SlideCziToTif.id,
         )
     )
     if active_only:
-        query = query.where(Slide.active.is_(True), SlideCziToTif.active.is_(True))
+        sibling = aliased(SlideCziToTif)
+        inactive_sibling = (
+            select(sibling.id)
+            .where(
+                sibling.FK_slide_id == SlideCziToTif.FK_slide_id,
+                sibling.scene_index == SlideCziToTif.scene_index,
+                sibling.active.is_(False),
+            )
+            .exists()
+        )
+        query = query.where(Slide.active.is_(True), ~inactive_sibling)
     return list(session.scalars(query))
 
 

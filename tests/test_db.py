@@ -286,6 +286,26 @@ def test_ordered_sections_follow_user_edits(engine):
         ]
 
 
+def test_ordered_sections_keep_positions_equal_across_channels(engine):
+    """An edit made on one channel row of a scene moves or removes the scene in every channel."""
+    with session_scope(engine) as session:
+        _slides(session)
+        slide1 = session.scalars(select(Slide).where(Slide.slide_physical_id == 1)).one()
+        slide2 = session.scalars(select(Slide).where(Slide.slide_physical_id == 2)).one()
+        session.add_all([_section(slide2, i, order, channel=2) for i, order in ((0, 2), (1, 1), (2, 1))])
+        session.flush()
+        # Channel 1 of scene 2 moves first; channel 2 of slide 1's scene 0 is marked bad.
+        row = session.scalars(select(SlideCziToTif).where(SlideCziToTif.FK_slide_id == slide2.id,
+                                                          SlideCziToTif.scene_index == 2, SlideCziToTif.channel == 1)).one()  # fmt: skip
+        row.scene_order = 0
+        session.scalars(select(SlideCziToTif).where(SlideCziToTif.FK_slide_id == slide1.id,
+                                                    SlideCziToTif.channel == 2)).one().active = False  # fmt: skip
+    with session_scope(engine) as session:
+        one = [(s.slide.slide_physical_id, s.scene_index) for s in queries.ordered_sections(session, "DK7", channel=1)]
+        two = [(s.slide.slide_physical_id, s.scene_index) for s in queries.ordered_sections(session, "DK7", channel=2)]
+    assert one == two == [(2, 2), (2, 1), (2, 0)]
+
+
 def test_unique_scene_channel_per_slide(engine):
     with pytest.raises(IntegrityError):
         with session_scope(engine) as session:
