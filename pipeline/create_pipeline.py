@@ -23,7 +23,7 @@ from pipeline.errors import ConfigError, SlidepipeError  # noqa: E402
 
 STAGES = ["extract", "mask", "clean", "histogram", "align", "create_metrics", "neuroglancer", "omezarr"]
 TASKS = STAGES + ["status", "all"]
-SUBCOMMANDS = ("sample", "serve", "worker", "tiff2omezarr")
+SUBCOMMANDS = ("sample", "serve", "worker", "tiff2omezarr", "how")
 
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
@@ -220,6 +220,8 @@ def _subcommand(name: str, argv: list[str]) -> int:
             return _serve(argv)
         if name == "worker":
             return _worker(argv)
+        if name == "how":
+            return _how(argv)
         if name == "tiff2omezarr":
             from pipeline.publish.omezarr import main as omezarr_main
 
@@ -242,6 +244,31 @@ def _sample(argv: list[str]) -> int:
 
     truth = build_sample(settings.data_root, animal=args.animal, seed=args.seed, size="large" if args.large else "small")
     print(f"sample brain {args.animal}: {truth}")
+    return 0
+
+
+def _how(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="create_pipeline how",
+                                     description="How was this file made? (provenance from the database, as JSON)")
+    parser.add_argument("path", help="a file (absolute, or relative to the data root), e.g. a chunk of a published layer")
+    parser.add_argument("--lineage", action="store_true", help="every input, recursively, back to the raw slides")
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    import json
+
+    from db.queries import how_was_made, lineage
+    from db.session import init_db, session_scope
+
+    settings = settings_from(args)
+    try:
+        engine = init_db(settings.database_url)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    with session_scope(engine) as session:
+        path = str(Path(args.path).absolute()) if Path(args.path).exists() else args.path
+        answer = (lineage if args.lineage else how_was_made)(session, path, data_root=settings.data_root.absolute())
+    print(json.dumps(answer, indent=2, default=str))
     return 0
 
 

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from tqdm import tqdm
 
 from db.models import FileLog, PipelineRun
+from db.queries import current_file
 from db.session import session_scope
 from pipeline import __version__
 from pipeline.atomic import remove_stale_temps, sha256_file
@@ -287,7 +288,7 @@ class StageContext:
         rel = self.layout.relative(path)
         if not path.exists():
             raise SlidepipeError("input file is missing", path)
-        row = current_file_row(session, rel)
+        row = current_file(session, rel)
         if path.is_dir():
             size, mtime_ns, checksum = path_stats(path)
             if row is not None and row.checksum == checksum:
@@ -312,7 +313,7 @@ class StageContext:
             return None
         for out in task.outputs:
             path = Path(out)
-            row = current_file_row(session, self.layout.relative(path))
+            row = current_file(session, self.layout.relative(path))
             if row is None or row.fingerprint != fp or not path.exists():
                 return None
             if path.is_file():
@@ -331,12 +332,6 @@ class StageContext:
             if run is not None:
                 for name, value in self.counts.items():
                     setattr(run, name, value)
-
-
-def current_file_row(session: Session, relpath: str) -> FileLog | None:
-    return session.scalars(
-        select(FileLog).where(FileLog.path == relpath).order_by(FileLog.id.desc()).limit(1)
-    ).first()
 
 
 # ----------------------------------------------------------------------------------------
