@@ -6,6 +6,7 @@ scene must be extractable band by band without ever sitting whole in memory.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -112,6 +113,25 @@ def check_region(info: SceneInfo, path: Path, channel: int, x: int, y: int, widt
         )
 
 
+def one_line(exc: BaseException) -> str:
+    """A library's exception text on one line, for a reason in SlideReadError."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+_LONG_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_iso_date(text: str | None) -> datetime | None:
+    """ISO 8601 as microscopes write it (7-digit fractions, 'Z'); None when absent or a placeholder."""
+    if not text:
+        return None
+    try:
+        value = datetime.fromisoformat(_LONG_FRACTION.sub(r"\1", text.strip()).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return None if value.year < 1900 else value  # ZEN writes 0001-01-01 for "unknown"
+
+
 __all__ = [
     "ChannelInfo",
     "SceneInfo",
@@ -121,6 +141,8 @@ __all__ = [
     "natural_sorted_tiffs",
     "find_gaps",
     "check_region",
+    "one_line",
+    "parse_iso_date",
     "CZI_SUFFIXES",
     "TIFF_SUFFIXES",
 ]
