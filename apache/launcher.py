@@ -1,0 +1,417 @@
+"""Run Apache httpd on a data root: a private instance for tests and `create_pipeline serve`, and
+the configuration text for a system-wide Apache.
+
+Neuroglancer reads precomputed layers straight from a static web server, but only if that server
+sends gzip chunks with `Content-Encoding: gzip` under the names Neuroglancer asks for, and CORS
+headers when the viewer comes from another origin. The site template encodes those rules once;
+this module fills it in, starts `apache2 -DFOREGROUND` as a child (a daemonised Apache lingers as
+a zombie here and cannot be waited for) and stops it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import grp
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from pipeline.errors import SlidepipeError
+
+INSTALL_HINT = "install Apache httpd: `apt-get install apache2` (Debian/Ubuntu) or your system's httpd package"
+
+OFFLINE_TOKEN = "slidepipe"
+"""The `<token>` of the offline client URL /v/<token>/ (any path segment works; this is ours)."""
+
+# Module (file stem, module struct name) every slidepipe config needs; those compiled into the
+# binary (Debian: log_config, unixd) must not be loaded again.
+REQUIRED_MODULES = [
+    ("mpm_event", "mpm_event_module"),
+    ("unixd", "unixd_module"),
+    ("log_config", "log_config_module"),
+    ("authz_core", "authz_core_module"),
+    ("mime", "mime_module"),
+    ("alias", "alias_module"),
+    ("rewrite", "rewrite_module"),
+    ("headers", "headers_module"),
+    ("allowmethods", "allowmethods_module"),
+    ("filter", "filter_module"),
+    ("substitute", "substitute_module"),
+]
+
+MODULE_DIR_CANDIDATES = [
+    "/usr/lib/apache2/modules",
+    "/usr/lib64/httpd/modules",
+    "/usr/lib/httpd/modules",
+    "/usr/local/apache2/modules",
+    "/usr/libexec/apache2",
+    "/opt/homebrew/lib/httpd/modules",
+    "/usr/local/lib/httpd/modules",
+]
+
+# Characters that would break a quoted path or a rewrite substitution in httpd.conf.
+_UNSAFE_PATH = re.compile(r'["$%\\\n\r{}<>]')
+
+
+class ApacheError(SlidepipeError):
+    """Apache is missing, cannot start, or cannot read the data."""
+
+
+@dataclass(frozen=True)
+class Apache:
+    binary: Path
+    module_dir: Path
+    compiled_in: frozenset[str]
+
+
+@functools.lru_cache(maxsize=1)
+def find_apache() -> Apache:
+    """The installed httpd binary, its module directory and its compiled-in modules."""
+    binary = None
+    for name in ("apache2", "httpd"):
+        found = shutil.which(name) or next(
+            (p for p in (f"/usr/sbin/{name}", f"/usr/local/sbin/{name}", f"/usr/local/bin/{name}") if os.access(p, os.X_OK)),
+            None)
+        if found:
+            binary = Path(found)
+            break
+    if binary is None:
+        raise ApacheError(f"Apache httpd not found: {INSTALL_HINT}")
+    listing = subprocess.run([str(binary), "-l"], capture_output=True, text=True, env=_apache_env())
+    if listing.returncode != 0:
+        raise ApacheError(f"`{binary} -l` failed: {listing.stderr.strip()}", binary)
+    compiled_in = frozenset(m.strip()[:-2] for m in listing.stdout.splitlines() if m.strip().endswith(".c"))
+    for candidate in MODULE_DIR_CANDIDATES:
+        if Path(candidate, "mod_rewrite.so").is_file():
+            return Apache(binary, Path(candidate), compiled_in)
+    raise ApacheError(f"no Apache module directory with mod_rewrite.so found (looked in "
+                      f"{', '.join(MODULE_DIR_CANDIDATES)}): {INSTALL_HINT}", binary)
+
+
+def neuroglancer_client_dir() -> Path:
+    """The built Neuroglancer client shipped inside the installed `neuroglancer` package."""
+    spec = resources.files("neuroglancer") / "static" / "client"
+    path = Path(str(spec)).resolve()
+    if not (path / "index.html").is_file():
+        raise ApacheError("the installed `neuroglancer` package has no built client (static/client/index.html): "
+                          "pip install 'neuroglancer>=2.40'", path)
+    return path
+
+
+def web_static_dir() -> Path:
+    return Path(str(resources.files("web") / "static")).resolve()
+
+
+def _checked_dir(path: Path, what: str) -> Path:
+    """Absolute, symlink-free (the config refuses to follow symlinks) and safe to quote."""
+    resolved = Path(path).resolve()
+    if not resolved.is_dir():
+        raise ApacheError(f"{what} is not a directory", resolved)
+    if _UNSAFE_PATH.search(str(resolved)):
+        raise ApacheError(f"{what} path contains a character Apache configs cannot quote ({_UNSAFE_PATH.pattern})", resolved)
+    return resolved
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    text = template
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    left = re.findall(r"\{\{[A-Z_]+\}\}", text)
+    if left:
+        raise ApacheError(f"unfilled placeholders in the Apache template: {sorted(set(left))}")
+    return text
+
+
+def _template(name: str) -> str:
+    return (resources.files("apache") / name).read_text(encoding="utf-8")
+
+
+def render_site_config(data_root: str | Path, client_dir: str | Path | None = None) -> str:
+    """The slidepipe part of the configuration: fits a system-wide Apache's <VirtualHost>."""
+    data = _checked_dir(Path(data_root), "data root")
+    client = _checked_dir(Path(client_dir) if client_dir else neuroglancer_client_dir(), "Neuroglancer client directory")
+    static = _checked_dir(web_static_dir(), "slidepipe web/static directory")
+    return _fill(_template("site.conf.template"), {
+        "DATA_ROOT": str(data),
+        "DATA_ROOT_RE": re.escape(str(data)),
+        "CLIENT_DIR": str(client),
+        "WEB_STATIC": str(static),
+    })
+
+
+def render_virtual_host(data_root: str | Path, port: int = 8080, client_dir: str | Path | None = None) -> str:
+    """A complete sites-available file for a system-wide Apache (see docs/serving-and-viewing.md)."""
+    site = render_site_config(data_root, client_dir)
+    indented = "\n".join(("    " + line) if line else line for line in site.splitlines())
+    return f"Listen {port}\n<VirtualHost *:{port}>\n{indented}\n</VirtualHost>\n"
+
+
+def render_config(data_root: str | Path, port: int, run_dir: str | Path, *, host: str = "127.0.0.1",
+                  client_dir: str | Path | None = None, log_level: str = "warn", apache: Apache | None = None) -> str:
+    """The whole httpd.conf of a private instance whose pid file and logs live in `run_dir`."""
+    apache = apache or find_apache()
+    run = Path(run_dir).resolve()
+    if _UNSAFE_PATH.search(str(run)):
+        raise ApacheError("run directory path contains a character Apache configs cannot quote", run)
+    loads = []
+    for stem, struct in REQUIRED_MODULES:
+        if f"mod_{stem}" in apache.compiled_in or stem in apache.compiled_in:
+            continue
+        so = apache.module_dir / f"mod_{stem}.so"
+        if not so.is_file():
+            raise ApacheError(f"Apache module mod_{stem} is missing ({so}): {INSTALL_HINT}")
+        loads.append(f'LoadModule {struct} "{so}"')
+    types = 'TypesConfig "/etc/mime.types"' if Path("/etc/mime.types").is_file() else "TypesConfig /dev/null"
+    return _fill(_template("httpd.conf.template"), {
+        "RUN_DIR": str(run),
+        "HOST": host,
+        "PORT": str(int(port)),
+        "USER_LINES": _user_lines(),
+        "LOAD_MODULES": "\n".join(loads),
+        "LOG_LEVEL": log_level,
+        "TYPES_CONFIG": types,
+        "SITE": render_site_config(data_root, client_dir),
+    })
+
+
+def _run_user() -> pwd.struct_passwd | None:
+    """Whom the workers run as. Apache refuses to serve as root, so a root launch drops to
+    www-data (or nobody); an ordinary user's Apache serves as that user."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("www-data", "apache", "daemon", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise ApacheError("running as root but none of the users www-data, apache, daemon, nobody exists "
+                      "for Apache's workers to run as")
+
+
+def _user_lines() -> str:
+    user = _run_user()
+    if user is None:
+        return ""
+    group = grp.getgrgid(user.pw_gid).gr_name
+    return f"User {user.pw_name}\nGroup {group}"
+
+
+def unreadable_for_workers(path: Path) -> Path | None:
+    """The first directory on the way to `path` that Apache's workers cannot enter, or None."""
+    user = _run_user()
+    if user is None:
+        return None
+    gids = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    current = Path(path).resolve()
+    for directory in [*reversed(current.parents), current]:
+        st = directory.stat()
+        if st.st_uid == user.pw_uid:
+            ok = st.st_mode & stat.S_IXUSR
+        elif st.st_gid in gids:
+            ok = st.st_mode & stat.S_IXGRP
+        else:
+            ok = st.st_mode & stat.S_IXOTH
+        if not ok:
+            return directory
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _apache_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APACHE_")}
+    env.setdefault("LANG", "C")
+    return env
+
+
+class ApacheServer:
+    """A private Apache serving `data_root` on 127.0.0.1:`port` (0: a free port) while in `with`.
+
+    `gzip_header=False` / `cors=False` exist only for negative-control tests: without them
+    Neuroglancer cannot draw the data.
+    """
+
+    def __init__(self, data_root: str | Path, port: int = 0, client_dir: str | Path | None = None, *,
+                 host: str = "127.0.0.1", gzip_header: bool = True, cors: bool = True,
+                 log_level: str = "warn", start_timeout: float = 15.0):
+        self.data_root = _checked_dir(Path(data_root), "data root")
+        self.requested_port = int(port)
+        self.client_dir = client_dir
+        self.host = host
+        self.gzip_header = gzip_header
+        self.cors = cors
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self.port: int | None = None
+        self.run_dir: Path | None = None
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise ApacheError("Apache is not running")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def error_log(self) -> str:
+        if self.run_dir is None:
+            return ""
+        path = self.run_dir / "error.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
+
+    def __enter__(self) -> "ApacheServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        apache = find_apache()
+        for path in (self.data_root, Path(self.client_dir) if self.client_dir else neuroglancer_client_dir(), web_static_dir()):
+            blocked = unreadable_for_workers(path)
+            if blocked is not None:
+                user = _run_user()
+                raise ApacheError(f"Apache's workers (user {user.pw_name}) cannot enter this directory, so they "
+                                  f"cannot read {path}; give it o+x (chmod o+x) or run as an ordinary user", blocked)
+        if self.requested_port and not port_is_free(self.host, self.requested_port):
+            raise ApacheError(f"port {self.requested_port} on {self.host} is in use: Apache did not start "
+                              f"(choose another with --port)")
+        attempts = 1 if self.requested_port else 3
+        for attempt in range(attempts):
+            port = self.requested_port or free_port(self.host)
+            self.run_dir = Path(tempfile.mkdtemp(prefix="slidepipe-httpd-"))
+            conf = self.run_dir / "httpd.conf"
+            conf.write_text(render_config(self.data_root, port, self.run_dir, host=self.host,
+                                          client_dir=self.client_dir, log_level=self.log_level, apache=apache))
+            defines = []
+            if not self.gzip_header:
+                defines += ["-D", "SLIDEPIPE_NO_GZIP_HEADER"]
+            if not self.cors:
+                defines += ["-D", "SLIDEPIPE_NO_CORS"]
+            stderr = open(self.run_dir / "stderr.log", "wb")
+            try:
+                self.process = subprocess.Popen([str(apache.binary), "-f", str(conf), "-DFOREGROUND", *defines],
+                                                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                                env=_apache_env())
+            finally:
+                stderr.close()
+            self.port = port
+            if self._wait_until_answering():
+                return
+            reason = self._stop_process() or ""
+            log = (self.run_dir / "stderr.log").read_text(errors="replace") + self.error_log
+            self._remove_run_dir()
+            self.port = None
+            if "Address already in use" in log and attempt + 1 < attempts:
+                continue
+            raise ApacheError(f"Apache did not start on {self.host}:{port}{reason}: {log.strip()[-2000:]}", conf)
+
+    def _wait_until_answering(self) -> bool:
+        """True once *our* process wrote its pid file and the port answers (an answer alone could
+        come from another server already on that port)."""
+        deadline = time.monotonic() + self.start_timeout
+        pid_file = self.run_dir / "httpd.pid"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                ours = int(pid_file.read_text().strip()) == self.process.pid
+            except (FileNotFoundError, ValueError):
+                ours = False
+            if not ours:
+                time.sleep(0.05)
+                continue
+            try:
+                with urllib.request.urlopen(f"{self.url}/", timeout=2) as response:
+                    response.read()
+                return True
+            except urllib.error.HTTPError:
+                return True  # it answered
+            except (urllib.error.URLError, ConnectionError, socket.timeout):
+                time.sleep(0.05)
+        return False
+
+    def _stop_process(self) -> str | None:
+        process, self.process = self.process, None
+        if process is None:
+            return None
+        if process.poll() is not None:
+            return f" (exit status {process.returncode})"
+        process.send_signal(signal.SIGTERM)  # Apache: stop now (connections are closed)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        return None
+
+    def _remove_run_dir(self) -> None:
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def stop(self) -> None:
+        self._stop_process()
+        self._remove_run_dir()
+        self.port = None
+
+
+def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = None, *, host: str = "127.0.0.1",
+                  db_url: str | None = None, public_client: str | None = None) -> int:
+    """`create_pipeline serve`: run Apache in the foreground, print the links, stop on Ctrl-C.
+
+    `db_url` is accepted for symmetry with the other commands; the links are built from the
+    published `info` files, which already carry the database's voxel sizes.
+    """
+    from web.state import PUBLIC_NEUROGLANCER, animals_with_published_data, write_links
+
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise ApacheError("data root does not exist (run the pipeline first)", data_root.absolute())
+    with ApacheServer(data_root, port, host=host) as server:
+        print(f"slidepipe: Apache serving {server.data_root} at {server.url}/<animal>/ (Ctrl-C stops)")
+        print(f"offline Neuroglancer client: {server.url}/v/{OFFLINE_TOKEN}/")
+        animals = [animal] if animal else animals_with_published_data(data_root)
+        for name in animals:
+            links = write_links(data_root, name, server.url, public_client=public_client or PUBLIC_NEUROGLANCER)
+            print(f"\n{name}:")
+            print(f"  offline: {links['offline']}")
+            print(f"  public:  {links['public']}")
+        if not animals:
+            print("no animal has published volumes yet (www/neuroglancer_data/ or www/omezarr/)")
+        sys.stdout.flush()
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("\nstopping Apache")
+            return 0
+        log = server.error_log.strip()[-2000:]
+        raise ApacheError(f"Apache exited unexpectedly: {log}")

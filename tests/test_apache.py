@@ -1,0 +1,262 @@
+"""The Apache configuration, against a real httpd started by the test (apache.launcher)."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apache.launcher import ApacheServer, render_config, render_virtual_host
+from tests.helpers_browser import asymmetric_section, require_apache, servable, write_gzip_layer
+
+pytestmark = [pytest.mark.apache]
+
+ANIMAL = "DK1"
+SECRET = "not-for-the-web"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    require_apache()
+    root = tmp_path_factory.mktemp("apache") / "data"
+    www = root / ANIMAL / "www"
+    volume = np.stack([asymmetric_section(70, 100, seed=s) for s in range(2)])
+    write_gzip_layer(www / "neuroglancer_data" / "C1", volume, chunk=(64, 64, 1))
+    np.save(root / "volume.npy", volume)
+    (root / ANIMAL / "preps").mkdir(parents=True)
+    (root / ANIMAL / "preps" / "secret.txt").write_text(SECRET)
+    (root.parent / "outside.txt").write_text(SECRET)
+    (www / "link-out.txt").symlink_to(root.parent / "outside.txt")
+    (www / "dir-out").symlink_to(root / ANIMAL / "preps", target_is_directory=True)
+    (www / "raw.bin").write_bytes(bytes(range(256)) * 4)
+    zarr_dir = www / "omezarr" / "C1.ome.zarr"
+    (zarr_dir / "0").mkdir(parents=True)
+    (zarr_dir / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    (zarr_dir / "0" / ".zarray").write_text(json.dumps({"zarr_format": 2}))
+    return servable(root)
+
+
+@pytest.fixture(scope="module")
+def server(data_root):
+    with ApacheServer(data_root) as running:
+        yield running
+
+
+def request(server: ApacheServer | int, method: str, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
+    """Raw HTTP (no client-side decompression, no path normalisation) to a server or a port."""
+    port = server if isinstance(server, int) else server.port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(method, path, headers=headers or {})
+    response = conn.getresponse()
+    response.body = response.read()
+    conn.close()
+    return response
+
+
+def chunk_path(x0, x1, y0, y1, z0, z1, key="325_325_20000") -> str:
+    return f"/{ANIMAL}/neuroglancer_data/C1/{key}/{x0}-{x1}_{y0}-{y1}_{z0}-{z1}"
+
+
+def test_gzip_chunk_served_at_extensionless_url_with_content_encoding(server, data_root):
+    volume = np.load(data_root / "volume.npy")
+    response = request(server, "GET", chunk_path(64, 100, 0, 64, 1, 2))
+    assert response.status == 200
+    assert response.getheader("Content-Encoding") == "gzip"
+    on_disk = (data_root / ANIMAL / "www/neuroglancer_data/C1/325_325_20000/64-100_0-64_1-2.gz").read_bytes()
+    assert response.body == on_disk
+    # raw encoding, x fastest: the decoded chunk is the section's sub-array in C order (y, x)
+    assert gzip.decompress(response.body) == volume[1, 0:64, 64:100].tobytes()
+
+
+def test_info_is_json_with_cors(server, data_root):
+    response = request(server, "GET", f"/{ANIMAL}/neuroglancer_data/C1/info", {"Origin": "http://elsewhere.test"})
+    assert response.status == 200
+    assert response.getheader("Content-Type") == "application/json"
+    assert response.getheader("Content-Encoding") is None
+    assert json.loads(response.body) == json.loads((data_root / ANIMAL / "www/neuroglancer_data/C1/info").read_text())
+    assert response.getheader("Access-Control-Allow-Origin") == "*"
+    exposed = {h.strip().lower() for h in response.getheader("Access-Control-Expose-Headers").split(",")}
+    assert {"content-encoding", "content-length", "content-range"} <= exposed
+    provenance = request(server, "GET", f"/{ANIMAL}/neuroglancer_data/C1/provenance")
+    assert provenance.status == 200 and provenance.getheader("Content-Type") == "application/json"
+
+
+def test_cors_on_chunk_get_and_preflight(server):
+    get = request(server, "GET", chunk_path(0, 64, 0, 64, 0, 1), {"Origin": "https://neuroglancer-demo.appspot.com"})
+    assert get.getheader("Access-Control-Allow-Origin") == "*"
+    preflight = request(server, "OPTIONS", chunk_path(0, 64, 0, 64, 0, 1), {
+        "Origin": "https://neuroglancer-demo.appspot.com",
+        "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "range",
+        "Access-Control-Request-Private-Network": "true",
+    })
+    assert preflight.status in (200, 204)
+    assert preflight.getheader("Access-Control-Allow-Origin") == "*"
+    assert "GET" in preflight.getheader("Access-Control-Allow-Methods")
+    assert "range" in preflight.getheader("Access-Control-Allow-Headers").lower()
+    assert preflight.getheader("Access-Control-Allow-Private-Network") == "true"
+
+
+def test_missing_chunk_is_404_with_cors(server):
+    response = request(server, "GET", chunk_path(0, 64, 0, 64, 7, 8), {"Origin": "http://elsewhere.test"})
+    assert response.status == 404
+    # Neuroglancer reads a 404 as "empty chunk" only if CORS lets it see the status
+    assert response.getheader("Access-Control-Allow-Origin") == "*"
+    assert request(server, "GET", "/NOANIMAL/neuroglancer_data/C1/info").status == 404
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "POST", "PATCH", "PROPFIND", "TRACE"])
+def test_only_reading_methods(server, data_root, method):
+    info = data_root / ANIMAL / "www/neuroglancer_data/C1/info"
+    before = info.read_bytes()
+    response = request(server, method, f"/{ANIMAL}/neuroglancer_data/C1/info")
+    assert response.status == 405
+    assert info.read_bytes() == before
+    assert request(server, "HEAD", f"/{ANIMAL}/neuroglancer_data/C1/info").status == 200
+
+
+@pytest.mark.parametrize("path", [f"/{ANIMAL}/", f"/{ANIMAL}/neuroglancer_data/", f"/{ANIMAL}/neuroglancer_data/C1/",
+                                  f"/{ANIMAL}/neuroglancer_data/C1/325_325_20000/", f"/{ANIMAL}", "/v/"])
+def test_no_directory_listing(server, path):
+    response = request(server, "GET", path)
+    assert response.status in (403, 404)
+    assert b"Index of" not in response.body and b"0-64_0-64" not in response.body and b".gz" not in response.body
+
+
+@pytest.mark.parametrize("path", [
+    f"/{ANIMAL}/../{ANIMAL}/preps/secret.txt",
+    f"/{ANIMAL}/%2e%2e/preps/secret.txt",
+    f"/{ANIMAL}/%2E%2E/%2e%2e/outside.txt",
+    f"/{ANIMAL}/neuroglancer_data/%2e%2e/%2e%2e/%2e%2e/preps/secret.txt",
+    f"/{ANIMAL}/..%2f..%2fpreps%2fsecret.txt",
+    "/../outside.txt",
+    "/%2e%2e/%2e%2e/outside.txt",
+    f"/{ANIMAL}/preps/secret.txt",
+    f"/{ANIMAL}/link-out.txt",
+    f"/{ANIMAL}/dir-out/secret.txt",
+    "/v/x/../../../outside.txt",
+    "/v/x/%2e%2e/%2e%2e/outside.txt",
+    f"/v/x/..%2f..%2f..%2f{ANIMAL}%2fpreps%2fsecret.txt",
+])
+def test_nothing_outside_www_reachable(server, path):
+    response = request(server, "GET", path)
+    assert response.status in (400, 403, 404), response.status
+    assert SECRET.encode() not in response.body
+
+
+def test_range_request(server, data_root):
+    response = request(server, "GET", f"/{ANIMAL}/raw.bin", {"Range": "bytes=100-299"})
+    assert response.status == 206
+    assert response.getheader("Content-Range") == "bytes 100-299/1024"
+    assert response.body == (bytes(range(256)) * 4)[100:300]
+    # on a gzip chunk the range is of the stored (encoded) bytes, as HTTP defines it
+    on_disk = (data_root / ANIMAL / "www/neuroglancer_data/C1/325_325_20000/0-64_0-64_0-1.gz").read_bytes()
+    part = request(server, "GET", chunk_path(0, 64, 0, 64, 0, 1), {"Range": "bytes=0-9"})
+    assert part.status == 206 and part.body == on_disk[:10]
+    assert part.getheader("Content-Encoding") == "gzip"
+
+
+def test_zarr_metadata_served_as_json_with_cors(server):
+    for path in (f"/{ANIMAL}/omezarr/C1.ome.zarr/zarr.json", f"/{ANIMAL}/omezarr/C1.ome.zarr/0/.zarray"):
+        response = request(server, "GET", path, {"Origin": "http://elsewhere.test"})
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "application/json"
+        assert response.getheader("Access-Control-Allow-Origin") == "*"
+        json.loads(response.body)
+
+
+def test_offline_client_served_with_offline_script(server):
+    page = request(server, "GET", "/v/slidepipe/")
+    assert page.status == 200
+    html = page.body.decode()
+    # the offline shim comes before the client's own (deferred) scripts
+    assert html.index('<script src="slidepipe-offline.js">') < html.index("main.")
+    main_js = next(part.split('"')[0] for part in html.split('src="')[1:] if part.startswith("main."))
+    script = request(server, "GET", f"/v/other-token/{main_js}")
+    assert script.status == 200 and script.getheader("Content-Type", "").startswith("text/javascript")
+    shim = request(server, "GET", "/v/slidepipe/slidepipe-offline.js")
+    assert shim.status == 200 and b"EventSource" in shim.body
+    redirect = request(server, "GET", "/v/slidepipe")
+    assert redirect.status == 301 and redirect.getheader("Location").endswith("/v/slidepipe/")
+
+
+def test_negative_control_switches(data_root):
+    path = chunk_path(0, 64, 0, 64, 0, 1)
+    with ApacheServer(data_root, gzip_header=False) as plain:
+        response = request(plain, "GET", path)
+        assert response.status == 200 and response.getheader("Content-Encoding") is None
+        assert response.getheader("Access-Control-Allow-Origin") == "*"
+    with ApacheServer(data_root, cors=False) as no_cors:
+        response = request(no_cors, "GET", path, {"Origin": "http://elsewhere.test"})
+        assert response.status == 200 and response.getheader("Content-Encoding") == "gzip"
+        assert response.getheader("Access-Control-Allow-Origin") is None
+
+
+def test_server_is_a_child_and_stops_cleanly(data_root):
+    server = ApacheServer(data_root)
+    with server:
+        port, run_dir, pid = server.port, server.run_dir, server.process.pid
+        assert server.url == f"http://127.0.0.1:{port}"
+        assert (run_dir / "httpd.conf").is_file()
+        with open(f"/proc/{pid}/stat") as handle:
+            assert int(handle.read().split(")")[1].split()[1]) == os.getpid()  # parent pid
+    assert not run_dir.exists()
+    assert not Path(f"/proc/{pid}").exists()  # waited for: no zombie left
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_fixed_port_in_use_is_a_clear_error(data_root):
+    from apache.launcher import ApacheError
+
+    with ApacheServer(data_root) as first:
+        with pytest.raises(ApacheError, match="did not start"):
+            ApacheServer(data_root, port=first.port, start_timeout=5).start()
+
+
+def test_system_wide_virtual_host_with_debian_default_modules(data_root, tmp_path):
+    """The docs' sites-available snippet, inside a config that also loads what Debian enables by
+    default (mod_deflate compressing JSON, autoindex, dir): chunks are still gzip-encoded exactly
+    once and directories still not listed."""
+    from apache.launcher import find_apache, free_port
+
+    apache = find_apache()
+    port = free_port()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    base = render_config(data_root, port, run_dir, apache=apache)
+    head = base.split("# slidepipe:", 1)[0].replace(f"Listen 127.0.0.1:{port}", "")
+    extra = "\n".join(f'LoadModule {m}_module "{apache.module_dir}/mod_{m}.so"' for m in ("deflate", "autoindex", "dir"))
+    vhost = render_virtual_host(data_root, port).replace(f"<VirtualHost *:{port}>", f"<VirtualHost 127.0.0.1:{port}>")
+    debian_defaults = ("DirectoryIndex index.html\n"
+                       "AddOutputFilterByType DEFLATE text/html text/plain application/json text/javascript application/octet-stream\n")
+    conf = run_dir / "httpd.conf"
+    conf.write_text(head + extra + "\n" + debian_defaults + vhost)
+    check = subprocess.run([str(apache.binary), "-t", "-f", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    process = subprocess.Popen([str(apache.binary), "-f", str(conf), "-DFOREGROUND"])
+    try:
+        for _ in range(200):
+            try:
+                request(port, "GET", "/")
+                break
+            except OSError:
+                time.sleep(0.05)
+        volume = np.load(data_root / "volume.npy")
+        chunk = request(port, "GET", chunk_path(0, 64, 0, 64, 0, 1), {"Accept-Encoding": "gzip, deflate"})
+        assert chunk.getheader("Content-Encoding") == "gzip"
+        assert gzip.decompress(chunk.body) == volume[0, 0:64, 0:64].tobytes()
+        assert request(port, "GET", f"/{ANIMAL}/neuroglancer_data/").status in (403, 404)
+        assert request(port, "PUT", f"/{ANIMAL}/neuroglancer_data/C1/info").status == 405
+        assert SECRET.encode() not in request(port, "GET", f"/{ANIMAL}/link-out.txt").body
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
