@@ -47,6 +47,11 @@ class AnimalLayout:
     def www(self) -> Path:
         return self.root / "www"
 
+    @property
+    def sample_truth_dir(self) -> Path:
+        """Ground truth of the synthetic sample brain (pipeline.sample): transforms, footprints."""
+        return self.root / "sample_truth"
+
     # --- extract ---------------------------------------------------------------------------
     @property
     def tif_dir(self) -> Path:
