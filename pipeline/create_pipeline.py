@@ -104,6 +104,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
+    for noisy in ("alembic", "sqlalchemy", "urllib3", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
