@@ -1,0 +1,210 @@
+"""Rigid registration of one section onto its neighbour (Elastix, or SimpleITK as a fallback).
+
+Both backends run translation first, then rigid (Euler: rotation + translation), with Mattes
+mutual information over a multi-resolution pyramid. The result follows the convention of
+`pipeline.imaging.transforms`: it maps fixed-image points to moving-image points,
+``aligned(p) = moving(T(p))``, and is reported as (rotation [rad], xshift, yshift [px]) about
+the centre of the fixed image. Elastix's parameter maps are package files
+(`pipeline/imaging/elastix/*.txt`) so a run can record exactly what it used.
+
+`import itk` takes ~10 s in a fresh process, so it is imported on first use and kept for the
+life of the worker process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.errors import SlidepipeError
+from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters, translation_matrix
+
+ELASTIX_DIR = Path(__file__).with_name("elastix")
+PARAMETER_FILES = (ELASTIX_DIR / "translation.txt", ELASTIX_DIR / "rigid.txt")
+"""Applied in this order; each map starts from the result of the previous one."""
+
+SITK_SETTINGS = {
+    "histogram_bins": 32, "sampling_percentage": 0.25, "seed": 1234,
+    "shrink_factors": [4, 2, 1], "smoothing_sigmas": [2.0, 1.0, 0.0],
+    "translation_iterations": 200, "rigid_iterations": 300,
+}
+"""The fallback's settings (recorded by the align stage like the Elastix maps)."""
+
+_itk = None
+
+
+@dataclass(frozen=True)
+class RigidResult:
+    rotation: float
+    """Radians (see `transforms` for the direction)."""
+    xshift: float
+    yshift: float
+    """Pixels of the registered images."""
+    metric: float
+    """Final metric value of the last stage (negative mutual information: lower is better)."""
+    iterations: int
+    """Optimizer iterations over all stages and resolutions."""
+    backend: str
+    center: tuple[float, float]
+    """(x, y) centre of rotation: the centre of the fixed image."""
+
+    def matrix(self) -> np.ndarray:
+        return rigid_matrix(self.rotation, self.xshift, self.yshift, self.center)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["center"] = list(self.center)
+        return data
+
+
+def elastix_available() -> bool:
+    return importlib.util.find_spec("itk") is not None and importlib.util.find_spec("itk_elastix") is not None
+
+
+def _load_itk():
+    global _itk
+    if _itk is None:
+        import itk  # noqa: PLC0415 - deliberately lazy (slow import)
+
+        _itk = itk
+    return _itk
+
+
+def parameter_texts(files: Sequence[Path] = PARAMETER_FILES) -> dict[str, str]:
+    """File name -> content of the parameter maps (for the run's record and the fingerprints)."""
+    return {Path(f).name: Path(f).read_text() for f in files}
+
+
+def register_pair(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    *,
+    fixed_mask: np.ndarray | None = None,
+    backend: str = "auto",
+    parameter_files: Sequence[Path] = PARAMETER_FILES,
+    threads: int | None = None,
+) -> RigidResult:
+    """Rigid transform taking `fixed` coordinates to `moving` coordinates (same-size images)."""
+    if fixed.shape[:2] != moving.shape[:2]:
+        raise SlidepipeError(f"fixed {fixed.shape} and moving {moving.shape} images differ in size")
+    fixed_f, moving_f = _as_float(fixed, "fixed"), _as_float(moving, "moving")
+    if backend == "auto":
+        backend = "elastix" if elastix_available() else "simpleitk"
+    if backend == "elastix":
+        return _register_elastix(fixed_f, moving_f, fixed_mask, parameter_files, threads)
+    if backend == "simpleitk":
+        return _register_simpleitk(fixed_f, moving_f, fixed_mask, threads)
+    raise SlidepipeError(f"unknown registration backend {backend!r} (elastix, simpleitk, auto)")
+
+
+def _as_float(image: np.ndarray, name: str) -> np.ndarray:
+    data = image.astype(np.float32)
+    if data.ndim == 3:
+        data = data.mean(axis=2)
+    if data.ndim != 2:
+        raise SlidepipeError(f"{name} image must be 2-D, got shape {image.shape}")
+    if not np.any(data):
+        raise SlidepipeError(f"{name} image is empty (all zero): nothing to register")
+    return np.ascontiguousarray(data)
+
+
+# ------------------------------------------------------------------------------------ elastix
+_ITERATION_ROW = re.compile(r"^\d+\t", re.MULTILINE)
+_FINAL_METRIC = re.compile(r"Final metric value\s*=\s*(\S+)")
+
+
+def _register_elastix(fixed, moving, fixed_mask, parameter_files, threads) -> RigidResult:
+    itk = _load_itk()
+    parameters = itk.ParameterObject.New()
+    for path in parameter_files:
+        if not Path(path).is_file():
+            raise SlidepipeError("Elastix parameter map is missing", path)
+        parameters.AddParameterFile(str(path))
+    kwargs = {}
+    if fixed_mask is not None:
+        kwargs["fixed_mask"] = itk.GetImageFromArray(np.ascontiguousarray(fixed_mask.astype(np.uint8)))
+    if threads:
+        kwargs["number_of_threads"] = int(threads)
+    with tempfile.TemporaryDirectory(prefix="slidepipe-elastix-") as workdir:
+        try:
+            _, result = itk.elastix_registration_method(
+                itk.GetImageFromArray(fixed), itk.GetImageFromArray(moving), parameter_object=parameters,
+                log_to_console=False, log_to_file=True, output_directory=workdir, **kwargs,
+            )
+        except Exception as exc:  # elastix reports failures as RuntimeError with its log text
+            raise SlidepipeError(f"Elastix registration failed: {str(exc).strip().splitlines()[-1:]}") from exc
+        log_text = (Path(workdir) / "elastix.log").read_text(errors="replace")
+    # Elastix composes the maps: T(p) = T_last(...T_first(p)); each map in its own centre.
+    matrix = np.eye(3)
+    for index in range(result.GetNumberOfParameterMaps()):
+        matrix = _map_matrix(dict(result.GetParameterMap(index))) @ matrix
+    center = canvas_center(fixed.shape)
+    rotation, xshift, yshift = rigid_parameters(matrix, center)
+    metrics = _FINAL_METRIC.findall(log_text)
+    return RigidResult(
+        rotation=rotation, xshift=xshift, yshift=yshift,
+        metric=float(metrics[-1]) if metrics else float("nan"),
+        iterations=len(_ITERATION_ROW.findall(log_text)), backend="elastix", center=center,
+    )
+
+
+def _map_matrix(parameter_map: dict) -> np.ndarray:
+    kind = parameter_map["Transform"][0]
+    values = [float(v) for v in parameter_map["TransformParameters"]]
+    if kind == "TranslationTransform":
+        return translation_matrix(values[0], values[1])
+    if kind == "EulerTransform":
+        center = tuple(float(v) for v in parameter_map["CenterOfRotationPoint"])
+        return rigid_matrix(values[0], values[1], values[2], center)
+    raise SlidepipeError(f"unsupported Elastix transform {kind!r} in the parameter maps (translation or Euler only)")
+
+
+# ---------------------------------------------------------------------------------- SimpleITK
+def _register_simpleitk(fixed, moving, fixed_mask, threads) -> RigidResult:
+    import SimpleITK as sitk
+
+    s = SITK_SETTINGS
+    fixed_image, moving_image = sitk.GetImageFromArray(fixed), sitk.GetImageFromArray(moving)
+    mask_image = None if fixed_mask is None else sitk.GetImageFromArray(fixed_mask.astype(np.uint8))
+    iterations = [0]
+
+    def method(iterations_max: int, initial, scales_from_shift: bool):
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=s["histogram_bins"])
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        reg.SetMetricSamplingPercentage(s["sampling_percentage"], s["seed"])
+        if mask_image is not None:
+            reg.SetMetricFixedMask(mask_image)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=2.0, minStep=1e-4, numberOfIterations=iterations_max, gradientMagnitudeTolerance=1e-8)
+        if scales_from_shift:
+            reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetShrinkFactorsPerLevel(s["shrink_factors"])
+        reg.SetSmoothingSigmasPerLevel(s["smoothing_sigmas"])
+        reg.SetInitialTransform(initial, inPlace=True)
+        if threads:
+            reg.SetNumberOfThreads(int(threads))
+        reg.AddCommand(sitk.sitkIterationEvent, lambda: iterations.__setitem__(0, iterations[0] + 1))
+        return reg
+
+    # translation, started by matching the centres of mass (as Elastix's CenterOfGravity does)
+    start = sitk.CenteredTransformInitializer(fixed_image, moving_image, sitk.Euler2DTransform(),
+                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
+    translation = sitk.TranslationTransform(2, sitk.Euler2DTransform(start).GetTranslation())
+    method(s["translation_iterations"], translation, False).Execute(fixed_image, moving_image)
+    center = canvas_center(fixed.shape)
+    rigid = sitk.Euler2DTransform(center, 0.0, translation.GetOffset())
+    reg = method(s["rigid_iterations"], rigid, True)
+    reg.Execute(fixed_image, moving_image)
+    angle = rigid.GetAngle()
+    tx, ty = rigid.GetTranslation()
+    rotation, xshift, yshift = rigid_parameters(rigid_matrix(angle, tx, ty, tuple(rigid.GetCenter())), center)
+    return RigidResult(rotation=rotation, xshift=xshift, yshift=yshift, metric=float(reg.GetMetricValue()),
+                       iterations=iterations[0], backend="simpleitk", center=center)
