@@ -1,0 +1,537 @@
+"""Neuroglancer precomputed publishing of an aligned section stack (cloud-volume + igneous).
+
+Two steps, as in the lab pipeline this replaces, because they parallelise differently:
+
+1. `write_rechunkme_section`: one task per section writes that z plane into a temporary raw layer
+   with flat (64, 64, 1) chunks. Sections are independent, so these run in the runner's pool.
+2. `transfer_and_downsample`: igneous rechunks the temporary layer into the final gzip layer and
+   builds the pyramid, as igneous tasks on python-task-queue (a local pool, or an `fq://` queue
+   that `create_pipeline worker` processes on other machines).
+
+The final layer is written under a temporary name, verified (`pipeline.publish.validate`), given
+its provenance file and only then renamed into place; the temporary layer is deleted after that.
+See docs/format-precomputed.md for the choices (chunking, pyramid rule, RGB, gzip naming).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import getpass
+import json
+import io
+import logging
+import multiprocessing
+import shutil
+import socket
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import SlidepipeError
+from pipeline.imaging.pyramid import PyramidPlan, plan_pyramid
+
+RECHUNKME_CHUNK = (64, 64, 1)
+"""Step 1 chunks: one section plane per chunk, so each section task writes only its own files."""
+
+DEFAULT_CHUNK = (256, 256, 16)
+"""Final chunks: 1 MiB of uint8 like igneous's usual 128x128x64, but 16 sections deep instead of
+64, so drawing one coronal plane (what histology users look at) reads 16x, not 64x, the shown
+voxels. Measured and argued in docs/format-precomputed.md."""
+
+DEFAULT_MEMORY_TARGET = 512 * 1024**2
+"""Bytes of image one igneous task may hold (scoping: shape 2048x2048x64 uint16 peaked at 0.6 GB)."""
+
+ROW_BAND_BYTES = 64 * 1024**2
+"""Step 1 reads and writes a section in bands of rows of about this size, never whole."""
+
+PROVENANCE_STEP = "slidepipe.precomputed"
+
+SUPPORTED_DTYPES = ("uint8", "uint16")
+
+log = logging.getLogger("slidepipe")
+
+
+class PrecomputedError(SlidepipeError):
+    """A stack cannot be published, or a published layer is not what it should be."""
+
+
+# ------------------------------------------------------------------------------------------
+# The section stack
+@dataclasses.dataclass(frozen=True)
+class StackShape:
+    """What every section TIFF of a stack must share."""
+
+    width: int
+    height: int
+    depth: int
+    dtype: str
+    channels: int
+
+
+@contextlib.contextmanager
+def open_section(path: str | Path) -> Iterator["SectionRows"]:
+    """A section TIFF whose rows can be read a band at a time.
+
+    Full-resolution sections can be 60k x 40k px, so nobody should load one whole; the TIFF
+    reader decodes only the strips or tiles a band touches.
+    """
+    from pipeline.readers.tiff import TiffReader
+
+    with TiffReader(path) as reader:
+        yield SectionRows(reader)
+
+
+class SectionRows:
+    """Rows of a one-channel (grey or RGB) section as (rows, width, samples) arrays."""
+
+    def __init__(self, reader):
+        scene = reader.info().scenes[0]
+        self.path = Path(reader.path)
+        if len(scene.channels) != 1 or scene.z_planes != 1:
+            raise PrecomputedError(
+                f"{len(scene.channels)} channels x {scene.z_planes} z planes in one file; an aligned section "
+                "file holds one channel of one section", self.path)
+        self._reader = reader
+        self.width, self.height = int(scene.width), int(scene.height)
+        self.channels = int(scene.samples_per_pixel)
+        self.dtype = np.dtype(scene.dtype)
+
+    def rows(self, y0: int, y1: int) -> np.ndarray:
+        data = self._reader.read_region(0, 1, 0, y0, self.width, y1 - y0)
+        return data[:, :, None] if data.ndim == 2 else data
+
+
+def inspect_stack(paths: Sequence[str | Path]) -> StackShape:
+    """Shape and type shared by all sections (headers only); a mismatch names the odd file."""
+    if not paths:
+        raise PrecomputedError("the section stack is empty")
+    first: StackShape | None = None
+    for path in paths:
+        with open_section(path) as section:
+            this = StackShape(width=section.width, height=section.height, depth=len(paths),
+                              dtype=section.dtype.name, channels=section.channels)
+        if this.dtype not in SUPPORTED_DTYPES:
+            raise PrecomputedError(f"data type {this.dtype} is not published; use one of {SUPPORTED_DTYPES}", path)
+        if first is None:
+            first = this
+        elif this != first:
+            raise PrecomputedError(
+                f"section is {this.height}x{this.width}x{this.channels} {this.dtype}, but the stack's first "
+                f"section is {first.height}x{first.width}x{first.channels} {first.dtype}", path)
+    assert first is not None
+    return first
+
+
+# ------------------------------------------------------------------------------------------
+# info
+def voxel_size_nm(xy_um: float, z_um: float) -> tuple[float, float, float]:
+    """Precomputed resolutions are nanometres; whole numbers stay ints so scale keys read '325_325_20000'."""
+    if xy_um <= 0 or z_um <= 0:
+        raise PrecomputedError(f"voxel size must be positive, got xy={xy_um} um, z={z_um} um")
+
+    def nm(um: float) -> float:
+        value = round(um * 1000.0, 3)
+        return int(value) if value == int(value) else value
+
+    return (nm(xy_um), nm(xy_um), nm(z_um))
+
+
+def plan_for(stack: StackShape, voxel_nm: Sequence[float], chunk_size: Sequence[int] = DEFAULT_CHUNK,
+             max_mips: int | None = None) -> PyramidPlan:
+    return plan_pyramid((stack.width, stack.height, stack.depth), tuple(voxel_nm), tuple(chunk_size), max_mips)
+
+
+def make_info(stack: StackShape, voxel_nm: Sequence[float], chunk_size: Sequence[int] = RECHUNKME_CHUNK,
+              final_chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None,
+              encoding: str = "raw") -> dict:
+    """The info of the step-1 layer: mip 0 only, sized for the final pyramid's padding.
+
+    RGB sections become one layer with 3 uint8 channels (not three layers): Neuroglancer's shader
+    draws them as colour from one chunk fetch, and the three planes stay in one file per chunk.
+    """
+    from cloudvolume import CloudVolume
+
+    plan = plan_for(stack, voxel_nm, final_chunk_size, max_mips)
+    info = CloudVolume.create_new_info(
+        num_channels=stack.channels,
+        layer_type="image",
+        data_type=stack.dtype,
+        encoding=encoding,
+        resolution=list(voxel_nm),
+        voxel_offset=[0, 0, 0],
+        volume_size=list(plan.size),
+        chunk_size=list(chunk_size),
+    )
+    return info
+
+
+def write_info(layer_dir: str | Path, info: Mapping[str, Any]) -> None:
+    layer_dir = Path(layer_dir)
+    layer_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(layer_dir / "info") as tmp:
+        tmp.write_text(json.dumps(info, indent=1))
+
+
+def read_info(layer_dir: str | Path) -> dict:
+    path = Path(layer_dir) / "info"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PrecomputedError("layer has no info file", path) from None
+    except json.JSONDecodeError as exc:
+        raise PrecomputedError(f"info is not JSON: {exc}", path) from None
+
+
+def file_url(path: str | Path) -> str:
+    return "file://" + Path(path).absolute().as_posix()
+
+
+# ------------------------------------------------------------------------------------------
+# step 1
+def write_rechunkme_section(layer_dir: str, tiff_path: str, z: int, stack_width: int, stack_height: int,
+                            band_bytes: int = ROW_BAND_BYTES) -> dict:
+    """Write section `z` into the step-1 layer, a band of chunk rows at a time.
+
+    The zero padding beyond the stack's width and height is written too, so the transfer never
+    meets a missing chunk (it runs without fill_missing: a missing chunk must be an error).
+    """
+    started = time.perf_counter()
+    info = read_info(layer_dir)
+    with open_section(tiff_path) as section:
+        if (section.height, section.width) != (stack_height, stack_width):
+            raise PrecomputedError(
+                f"section is {section.height}x{section.width} px but the stack is {stack_height}x{stack_width}", tiff_path)
+        if section.dtype.name != info["data_type"] or section.channels != info["num_channels"]:
+            raise PrecomputedError(
+                f"section is {section.dtype.name} x{section.channels} but the layer is "
+                f"{info['data_type']} x{info['num_channels']}", tiff_path)
+        written = _write_plane(layer_dir, info, z, section, band_bytes)
+    return {"z": int(z), "bytes": written, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def write_padding_section(layer_dir: str, z: int) -> dict:
+    """Write the blank section `z` beyond the stack that the pyramid's z padding asks for."""
+    info = read_info(layer_dir)
+    return {"z": int(z), "bytes": _write_plane(layer_dir, info, z, None, ROW_BAND_BYTES), "padding": True}
+
+
+def _write_plane(layer_dir: str, info: dict, z: int, section: SectionRows | None, band_bytes: int) -> int:
+    from cloudvolume import CloudVolume
+
+    scale = info["scales"][0]
+    size_x, size_y, size_z = scale["size"]
+    if not 0 <= z < size_z:
+        raise PrecomputedError(f"section index {z} is outside the layer's 0..{size_z - 1}", layer_dir)
+    chunk_y = scale["chunk_sizes"][0][1]
+    channels, dtype = int(info["num_channels"]), np.dtype(info["data_type"])
+    vol = CloudVolume(file_url(layer_dir), mip=0, parallel=1, progress=False, compress=False)
+    band = max(chunk_y, (band_bytes // (size_x * channels * dtype.itemsize)) // chunk_y * chunk_y)
+    for y0 in range(0, size_y, band):
+        y1 = min(size_y, y0 + band)
+        block = np.zeros((size_x, y1 - y0, 1, channels), dtype=dtype, order="F")
+        if section is not None and y0 < section.height:
+            rows = section.rows(y0, min(y1, section.height))
+            block[: section.width, : rows.shape[0], 0, :] = rows.transpose(1, 0, 2)
+        vol[0:size_x, y0:y1, z:z + 1] = block
+    return int(size_x * size_y * channels * dtype.itemsize)
+
+
+# ------------------------------------------------------------------------------------------
+# step 2
+def _task_shape_exponent(chunk: Sequence[int], itemsize: int, channels: int, memory_target: int) -> int:
+    """Largest j with a (chunk_x * 2^j, chunk_y * 2^j, chunk_z) task (and its 2x2x1 pyramid,
+    4/3 of it) within `memory_target` bytes; at least 0."""
+    j = 0
+    while (4 / 3) * chunk[0] * chunk[1] * chunk[2] * 4 ** (j + 1) * itemsize * channels <= memory_target and j < 16:
+        j += 1
+    return j
+
+
+@contextlib.contextmanager
+def _keep_start_method() -> Iterator[None]:
+    """LocalTaskQueue.execute forces the global multiprocessing start method to 'spawn'; put back
+    what was there so the runner's pools in this process are not changed behind their back."""
+    previous = multiprocessing.get_start_method(allow_none=True)
+    try:
+        yield
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+
+
+def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, lease_seconds: int = 600) -> int:
+    """Execute igneous tasks and return when all are done.
+
+    Without a queue: python-task-queue's LocalTaskQueue with `workers` processes. With an
+    `fq://` (or `sqs://`) queue: insert them there and work on the queue here too until it is
+    empty, so other machines running `create_pipeline worker --queue URL` share the work and a
+    worker that dies only delays its task until its lease expires.
+    """
+    if queue_url:
+        from taskqueue import TaskQueue
+
+        queue = TaskQueue(queue_url, progress=False)
+        count = queue.insert(tasks)
+        run_worker(queue_url, lease_seconds=lease_seconds, stop_when_empty=True)
+        return count
+    from taskqueue import LocalTaskQueue
+
+    with _keep_start_method():
+        queue = LocalTaskQueue(parallel=max(1, int(workers)), progress=False)
+        count = queue.insert(tasks)
+        queue.execute(progress=False)
+    return count
+
+
+def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool = False) -> int:
+    """Process queued igneous tasks (the `create_pipeline worker` command); returns tasks run.
+
+    With `stop_when_empty` it returns once no task is left, leased ones included (they are
+    re-leased here if their worker dies); otherwise it polls forever.
+    """
+    import igneous.tasks  # noqa: F401  registers igneous's task classes for deserialising
+    from taskqueue import TaskQueue
+
+    queue = TaskQueue(queue_url, progress=False)
+    stop = queue.is_empty if stop_when_empty else None
+    if stop_when_empty and queue.is_empty():
+        return 0
+    try:
+        return queue.poll(lease_seconds=int(lease_seconds), stop_fn=(lambda: stop()) if stop else None,
+                          verbose=False, max_backoff_window=2)
+    except Exception as exc:
+        raise PrecomputedError(f"an igneous task from the queue failed: {type(exc).__name__}: {exc}", queue_url) from exc
+
+
+@contextlib.contextmanager
+def _prints_to_log() -> Iterator[None]:
+    """igneous's task creation prints bounds and warnings on stdout; keep them in the debug log."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                log.debug("igneous: %s", line.strip())
+
+
+def _scale_count(layer_dir: Path) -> int:
+    return len(read_info(layer_dir)["scales"])
+
+
+def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_size: Sequence[int] = DEFAULT_CHUNK,
+                            max_mips: int | None = None, workers: int = 1, queue_url: str | None = None,
+                            memory_target: int = DEFAULT_MEMORY_TARGET) -> dict:
+    """Rechunk the step-1 layer into a gzip layer and build its pyramid with igneous.
+
+    Rounds: the transfer itself also makes the first 2x2x1 levels (as many as a task of
+    `memory_target` bytes holds); each further round is one igneous downsampling job that starts
+    from the highest level made so far and makes as many levels of one factor as its tasks hold.
+    Returns the plan and the rounds (which level each level was computed from: the verifier
+    needs it, see `block_mean_floor`).
+    """
+    import igneous.task_creation as tc
+
+    src_dir, dest_dir = Path(src_dir), Path(dest_dir)
+    src_info = read_info(src_dir)
+    scale0 = src_info["scales"][0]
+    chunk = tuple(int(c) for c in chunk_size)
+    plan = plan_pyramid(tuple(scale0["size"]), tuple(scale0["resolution"]), chunk, max_mips)
+    if tuple(plan.size) != tuple(scale0["size"]):
+        raise PrecomputedError(
+            f"step-1 layer is {scale0['size']} voxels, but chunk size {list(chunk)} needs it padded to "
+            f"{list(plan.size)}: make it with make_info(..., final_chunk_size={list(chunk)})", src_dir / "info")
+    if dest_dir.exists():
+        shutil.rmtree(dest_dir)
+    itemsize = np.dtype(src_info["data_type"]).itemsize
+    channels = int(src_info["num_channels"])
+    exponent = _task_shape_exponent(chunk, itemsize, channels, memory_target)
+    runs = plan.runs()
+    leading = runs[0][1] if runs and runs[0][2] == (2, 2, 1) else 0
+    in_transfer = min(leading, exponent)
+    shape_exp = in_transfer if in_transfer else exponent
+    shape = [chunk[0] * 2**shape_exp, chunk[1] * 2**shape_exp, chunk[2]]
+    src_url, dest_url = file_url(src_dir), file_url(dest_dir)
+    started = time.perf_counter()
+    with _prints_to_log():
+        tasks = list(tc.create_transfer_tasks(
+            src_url, dest_url, chunk_size=list(chunk), shape=shape, compress="gzip", encoding="raw",
+            skip_downsamples=in_transfer == 0, factor=(2, 2, 1), fill_missing=False, no_src_update=True,
+        ))
+    count = run_tasks(tasks, workers=workers, queue_url=queue_url)
+    made = _scale_count(dest_dir) - 1
+    rounds: list[dict] = [{"kind": "transfer", "from_mip": 0, "mips": list(range(1, made + 1)),
+                           "factor": [2, 2, 1], "task_shape": shape, "tasks": count}]
+    transfer_seconds = time.perf_counter() - started
+    for first, length, factor in runs:
+        while made < first + length:
+            with _prints_to_log():
+                tasks = list(tc.create_downsampling_tasks(
+                    dest_url, mip=made, num_mips=first + length - made, factor=factor, compress="gzip",
+                    fill_missing=False, preserve_chunk_size=True, memory_target=memory_target,
+                ))
+            count = run_tasks(tasks, workers=workers, queue_url=queue_url)
+            now = _scale_count(dest_dir) - 1
+            if now <= made:
+                raise PrecomputedError(f"igneous made no level above mip {made} (factor {list(factor)})", dest_dir)
+            rounds.append({"kind": "downsample", "from_mip": made, "mips": list(range(made + 1, now + 1)),
+                           "factor": list(factor), "tasks": count})
+            made = now
+    _check_scales(dest_dir, plan, chunk)
+    return {
+        "plan": {"size": list(plan.size), "factors": [list(f) for f in plan.factors],
+                 "resolution": list(plan.resolution), "chunk_size": list(chunk)},
+        "rounds": rounds,
+        "seconds": {"transfer": round(transfer_seconds, 3), "total": round(time.perf_counter() - started, 3)},
+    }
+
+
+def _check_scales(layer_dir: Path, plan: PyramidPlan, chunk: Sequence[int]) -> None:
+    """igneous decides scales itself from task shapes: make sure it built exactly the plan."""
+    scales = read_info(layer_dir)["scales"]
+    expected_sizes = plan.sizes()
+    expected_res = plan.resolutions()
+    if len(scales) != plan.num_mips:
+        raise PrecomputedError(f"layer has {len(scales)} levels, the plan {plan.num_mips}", layer_dir / "info")
+    for mip, scale in enumerate(scales):
+        problems = []
+        if list(scale["size"]) != list(expected_sizes[mip]):
+            problems.append(f"size {scale['size']} != {list(expected_sizes[mip])}")
+        if not np.allclose(scale["resolution"], expected_res[mip]):
+            problems.append(f"resolution {scale['resolution']} != {list(expected_res[mip])}")
+        if list(scale["chunk_sizes"][0]) != list(chunk):
+            problems.append(f"chunk size {scale['chunk_sizes'][0]} != {list(chunk)}")
+        if scale.get("encoding") != "raw":
+            problems.append(f"encoding {scale.get('encoding')!r} != 'raw'")
+        if problems:
+            raise PrecomputedError(f"mip {mip}: " + "; ".join(problems), layer_dir / "info")
+
+
+# ------------------------------------------------------------------------------------------
+# provenance
+def software_versions() -> dict[str, str]:
+    versions = {}
+    for name in ("slidepipe", "cloud-volume", "igneous-pipeline", "task-queue", "tinybrain", "numpy", "tifffile"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def write_provenance(layer_dir: str | Path, description: str, step: Mapping[str, Any],
+                     owners: Sequence[str] | None = None, sources: Sequence[str] | None = None) -> None:
+    """Fill cloud-volume's `provenance` file (served next to `info`) with who made the layer
+    from what and how; igneous has already appended its own transfer/downsample entries."""
+    from cloudvolume import CloudVolume
+
+    vol = CloudVolume(file_url(layer_dir), progress=False)
+    prov = vol.provenance
+    prov.description = description
+    prov.owners = list(owners) if owners else [f"{getpass.getuser()}@{socket.gethostname()}"]
+    if sources is not None:
+        prov.sources = list(sources)
+    entry = {"method": {"task": PROVENANCE_STEP, **dict(step)}, "by": prov.owners[0],
+             "date": time.strftime("%Y-%m-%d %H:%M %Z"), "software": software_versions()}
+    prov.processing.append(json.loads(json.dumps(entry, default=str)))
+    vol.commit_provenance()
+
+
+def read_rounds(layer_dir: str | Path) -> list[dict] | None:
+    """The pyramid rounds recorded by `publish_layer` in the provenance file, if any."""
+    path = Path(layer_dir) / "provenance"
+    try:
+        prov = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    for entry in reversed(prov.get("processing", [])):
+        method = entry.get("method", {}) if isinstance(entry, dict) else {}
+        if method.get("task") == PROVENANCE_STEP and "rounds" in method:
+            return method["rounds"]
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# the whole thing, for one stack (the stage splits step 1 into runner tasks instead)
+def create_rechunkme_layer(layer_dir: str | Path, stack: StackShape, voxel_nm: Sequence[float],
+                           final_chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None,
+                           chunk_size: Sequence[int] = RECHUNKME_CHUNK) -> dict:
+    """(Re)create the step-1 layer's info; an existing layer with another info is emptied."""
+    layer_dir = Path(layer_dir)
+    info = make_info(stack, voxel_nm, chunk_size, final_chunk_size, max_mips)
+    if layer_dir.exists():
+        try:
+            same = read_info(layer_dir) == json.loads(json.dumps(info))
+        except PrecomputedError:
+            same = False
+        if not same:
+            shutil.rmtree(layer_dir)
+    write_info(layer_dir, info)
+    return info
+
+
+def padding_sections(layer_dir: str | Path, depth: int) -> range:
+    """z indices of the blank sections the step-1 layer has beyond a stack of `depth`."""
+    return range(depth, int(read_info(layer_dir)["scales"][0]["size"][2]))
+
+
+def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[str | Path], *,
+                  chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None, workers: int = 1,
+                  queue_url: str | None = None, keep_rechunkme: bool = False, sample: int | None = 32,
+                  description: str = "", params: Mapping[str, Any] | None = None,
+                  memory_target: int = DEFAULT_MEMORY_TARGET) -> dict:
+    """Step 2 + verification + provenance, then the atomic rename and the step-1 cleanup.
+
+    The final layer is built under a temporary name next to `dest_dir`, so an interrupted or
+    unverified build never looks published. Returns the result recorded in file_log.
+    """
+    from pipeline.publish.validate import verify_layer
+
+    dest_dir = Path(dest_dir)
+    with atomic_path(dest_dir) as tmp:
+        built = transfer_and_downsample(src_dir, tmp, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
+                                        queue_url=queue_url, memory_target=memory_target)
+        step = {"params": dict(params or {}), "sections": [str(s) for s in sections], **built}
+        write_provenance(tmp, description or f"Neuroglancer precomputed layer {dest_dir.name}", step,
+                         sources=[str(s) for s in sections])
+        report = verify_layer(tmp, sections, rounds=built["rounds"], sample=sample)
+    # The provenance names the temporary directory igneous wrote to; point it at the final name.
+    _rename_in_provenance(dest_dir, tmp, dest_dir)
+    removed = False
+    if not keep_rechunkme:
+        shutil.rmtree(src_dir, ignore_errors=True)
+        removed = True
+    return {"mips": report["mips"], "verified": report["checked"], "plan": built["plan"], "rounds": built["rounds"],
+            "seconds": built["seconds"], "rechunkme_deleted": removed}
+
+
+def _rename_in_provenance(layer_dir: Path, old: Path, new: Path) -> None:
+    path = layer_dir / "provenance"
+    text = path.read_text()
+    fixed = text.replace(file_url(old), file_url(new)).replace(str(old), str(new))
+    if fixed != text:
+        with atomic_path(path) as tmp:
+            tmp.write_text(fixed)
+
+
+def publish_stack(sections: Sequence[str | Path], dest_dir: str | Path, xy_um: float, z_um: float, *,
+                  chunk_size: Sequence[int] = DEFAULT_CHUNK, rechunk_chunk_size: Sequence[int] = RECHUNKME_CHUNK,
+                  max_mips: int | None = None, workers: int = 1, queue_url: str | None = None,
+                  keep_rechunkme: bool = False, sample: int | None = 32, rechunkme_dir: str | Path | None = None,
+                  description: str = "") -> dict:
+    """Both steps in this process, for scripts, tests and the benchmark."""
+    dest_dir = Path(dest_dir)
+    src_dir = Path(rechunkme_dir) if rechunkme_dir else dest_dir.with_name(dest_dir.name + "_rechunkme")
+    stack = inspect_stack(sections)
+    voxel = voxel_size_nm(xy_um, z_um)
+    create_rechunkme_layer(src_dir, stack, voxel, chunk_size, max_mips, rechunk_chunk_size)
+    for z, path in enumerate(sections):
+        write_rechunkme_section(str(src_dir), str(path), z, stack.width, stack.height)
+    for z in padding_sections(src_dir, len(sections)):
+        write_padding_section(str(src_dir), z)
+    return publish_layer(src_dir, dest_dir, sections, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
+                         queue_url=queue_url, keep_rechunkme=keep_rechunkme, sample=sample, description=description,
+                         params={"xy_um": xy_um, "z_um": z_um, "chunk_size": list(chunk_size), "max_mips": max_mips})

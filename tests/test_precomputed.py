@@ -1,0 +1,470 @@
+"""Precomputed publishing: what igneous + cloud-volume write is exactly the stack and its pyramid.
+
+References here are computed independently with plain numpy (strided sums), not with the
+verifier's `block_mean_floor`, so a wrong verifier cannot agree with a wrong pyramid.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from pipeline.imaging.pyramid import block_mean_floor, plan_pyramid
+from pipeline.layout import AnimalLayout
+from pipeline.publish import precomputed as pc
+from pipeline.publish.validate import LayerVerificationError, expected_chunks, verify_layer
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def write_stack(folder: Path, depth: int, height: int, width: int, dtype=np.uint8, rgb=False, seed=0,
+                compression=None) -> list[Path]:
+    """Random sections with a bright square that moves with z (so z order matters)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    top = np.iinfo(dtype).max
+    paths = []
+    for z in range(depth):
+        shape = (height, width, 3) if rgb else (height, width)
+        section = rng.integers(0, top // 2, shape, dtype=dtype)
+        section[5 + z: 25 + z, 7 + 2 * z: 30 + 2 * z] = top - z
+        path = folder / f"{z:03d}.tif"
+        tifffile.imwrite(path, section, photometric="rgb" if rgb else "minisblack", compression=compression)
+        paths.append(path)
+    return paths
+
+
+def stack_xyzc(paths: list[Path]) -> np.ndarray:
+    planes = [tifffile.imread(p) for p in paths]
+    planes = [p[:, :, None] if p.ndim == 2 else p for p in planes]
+    return np.stack(planes, axis=0).transpose(2, 1, 0, 3)  # (z, y, x, c) -> (x, y, z, c)
+
+
+def floor_mean(volume: np.ndarray, factor) -> np.ndarray:
+    """Truncated block mean by strided sums; an odd edge repeats its last plane (for a factor of
+    2 that is the mean of the voxels present). Larger factors only on exact multiples."""
+    vol = volume.astype(np.int64)
+    for axis, f in enumerate(factor):
+        if f == 1:
+            continue
+        extra = (-vol.shape[axis]) % f
+        assert f == 2 or extra == 0, "test reference: partial blocks only for factor 2"
+        if extra:
+            edge = np.take(vol, [-1], axis=axis)
+            vol = np.concatenate([vol, edge], axis=axis)
+        vol = sum(np.take(vol, range(i, vol.shape[axis], f), axis=axis) for i in range(f))
+    n = int(np.prod(factor))
+    return (vol // n).astype(volume.dtype)
+
+
+def read_mip(layer: Path, mip: int) -> np.ndarray:
+    from cloudvolume import CloudVolume
+
+    vol = CloudVolume(pc.file_url(layer), mip=mip, progress=False, fill_missing=False)
+    return np.asarray(vol[vol.bounds])
+
+
+def build(tmp: Path, name: str, *, depth, height, width, dtype=np.uint8, rgb=False, xy_um, z_um, chunk,
+          memory_target=pc.DEFAULT_MEMORY_TARGET, workers=1, compression=None):
+    sections = write_stack(tmp / name / "aligned", depth, height, width, dtype, rgb, compression=compression)
+    dest = tmp / name / "C1T"
+    stack = pc.inspect_stack(sections)
+    voxel = pc.voxel_size_nm(xy_um, z_um)
+    src = tmp / name / "C1T_rechunkme"
+    pc.create_rechunkme_layer(src, stack, voxel, chunk)
+    for z, path in enumerate(sections):
+        pc.write_rechunkme_section(str(src), str(path), z, stack.width, stack.height)
+    for z in pc.padding_sections(src, len(sections)):
+        pc.write_padding_section(str(src), z)
+    result = pc.publish_layer(src, dest, sections, chunk_size=chunk, workers=workers, sample=None,
+                              keep_rechunkme=True, memory_target=memory_target, params={"test": name})
+    return {"sections": sections, "dest": dest, "src": src, "result": result, "chunk": chunk}
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("precomputed")
+    return {
+        # odd width and height (padding), transfer makes the 2x2x1 level, then a 2x2x2 round on odd z
+        "grey": build(tmp, "grey", depth=5, height=203, width=301, xy_um=10.4, z_um=20, chunk=(32, 32, 2)),
+        # uint16, compressed TIFFs: the transfer tasks make two levels at once, then a 2x2x2 round
+        "uint16": build(tmp, "uint16", depth=9, height=150, width=230, dtype=np.uint16, xy_um=2.5, z_um=10,
+                        chunk=(16, 16, 2), memory_target=200_000, compression="zlib"),
+        # RGB, a memory target so small that each 2x2x1 level needs its own round
+        "rgb": build(tmp, "rgb", depth=4, height=90, width=133, rgb=True, xy_um=5, z_um=20, chunk=(16, 16, 2),
+                     memory_target=10_000),
+    }
+
+
+ALL = ["grey", "uint16", "rgb"]
+
+# --------------------------------------------------------------------------------------------
+# pure planning
+
+
+def test_pyramid_is_2x2x1_until_xy_nears_z_then_2x2x2_and_stops_when_small():
+    plan = plan_pyramid((60001, 40003, 400), (325, 325, 20000), (256, 256, 16))
+    assert plan.factors == ((2, 2, 1),) * 6 + ((2, 2, 2),), "0.325 um -> 20.8 um in six 2x2x1 steps, then isotropic"
+    top = plan.sizes()[-1]
+    assert min(top[:2]) < 2 * 256 <= min(plan.sizes()[-2][:2]), "stops once the smaller side is under two chunks"
+    assert plan.resolutions()[6] == (20800, 20800, 20000)
+    # thumbnails (x32): one 2x2x1 step reaches z, and z is only halved while it spans two chunks
+    thumb = plan_pyramid((1875, 1251, 40), (10400, 10400, 20000), (128, 128, 16))
+    assert thumb.factors == ((2, 2, 1), (2, 2, 2), (2, 2, 1))
+    assert plan_pyramid((100, 100, 3), (1000, 1000, 1000), (64, 64, 1)).factors == ()
+    assert len(plan_pyramid((60001, 40003, 400), (325, 325, 20000), (256, 256, 16), max_mips=2).factors) == 2
+
+
+def test_padding_makes_every_halved_size_even_and_is_a_fixpoint():
+    plan = plan_pyramid((60001, 40003, 401), (325, 325, 20000), (256, 256, 16))
+    assert plan.size == (60032, 40064, 402), "x, y to multiples of 2**7 (7 steps); z of 2 (one z halving)"
+    for size, factor in zip(plan.sizes(), plan.factors):
+        assert all(s % 2 == 0 for s, f in zip(size, factor) if f == 2)
+    assert plan_pyramid(plan.size, plan.resolution, (256, 256, 16)) == plan
+    with pytest.raises(ValueError):
+        plan_pyramid((10, 10, 1), (1, 1, 1), (63, 64, 1))
+
+
+def test_block_mean_floor_truncates_and_averages_the_voxels_of_cut_blocks():
+    a = np.array([[1, 2, 9], [2, 2, 9]], dtype=np.uint8).T[:, :, None, None]  # x=3, y=2
+    out = block_mean_floor(a, (2, 2, 1))
+    assert out[:, 0, 0, 0].tolist() == [1, 9], "7/4 -> 1 (truncated, not rounded); the cut block is mean(9, 9)"
+    big = np.full((2, 2, 2, 1), 65535, dtype=np.uint16)
+    big[0, 0, 0, 0] = 65534
+    assert block_mean_floor(big, (2, 2, 2))[0, 0, 0, 0] == 65534, "no overflow, truncation"
+
+
+# --------------------------------------------------------------------------------------------
+# the published layers
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mip0_read_back_through_cloudvolume_equals_the_stack(layers, name):
+    layer = layers[name]
+    got = read_mip(layer["dest"], 0)
+    want = stack_xyzc(layer["sections"])
+    x, y, z = want.shape[:3]
+    assert np.array_equal(got[:x, :y, :z], want), "voxel for voxel, z order kept"
+    assert not got[x:].any() and not got[:, y:].any() and not got[:, :, z:].any(), "padding beyond the stack is zero"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_mip_is_the_truncated_average_of_the_level_below(layers, name):
+    layer = layers[name]
+    dest, rounds = layer["dest"], layer["result"]["rounds"]
+    info = json.loads((dest / "info").read_text())
+    plan_factors = [tuple(f) for f in layer["result"]["plan"]["factors"]]
+    assert len(info["scales"]) == len(plan_factors) + 1
+    mips = [read_mip(dest, m) for m in range(len(info["scales"]))]
+    for m in range(1, len(mips)):
+        below = floor_mean(mips[m - 1], plan_factors[m - 1])
+        delta = mips[m].astype(np.int64) - below.astype(np.int64)
+        assert mips[m].shape == below.shape
+        assert delta.min() >= 0 and delta.max() <= 1, "truncation: at most 1 above the mean of the truncated level"
+        base = next(r["from_mip"] for r in rounds if m in r["mips"])
+        factor = tuple(int(np.prod([plan_factors[i][a] for i in range(base, m)])) for a in range(3))
+        assert np.array_equal(mips[m], floor_mean(mips[base], factor)), f"mip {m} = mean of mip {base} (its task's input)"
+        if base == m - 1:
+            assert not delta.any()
+
+
+def test_rounds_cover_transfer_levels_separate_rounds_and_2x2x2(layers):
+    grey = layers["grey"]["result"]
+    assert grey["plan"]["factors"] == [[2, 2, 1], [2, 2, 2]]
+    assert grey["rounds"][0]["kind"] == "transfer" and grey["rounds"][0]["mips"] == [1]
+    u16 = layers["uint16"]["result"]
+    assert [r["mips"] for r in u16["rounds"]] == [[1, 2], [3]], "two levels from one transfer task"
+    rgb = layers["rgb"]["result"]
+    assert [r["mips"] for r in rgb["rounds"]] == [[1], [2]] and rgb["rounds"][1]["kind"] == "downsample"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_expected_chunk_files_exist_and_are_gzip(layers, name):
+    dest = layers[name]["dest"]
+    info = json.loads((dest / "info").read_text())
+    for scale in info["scales"]:
+        x, y, z = scale["size"]
+        cx, cy, cz = scale["chunk_sizes"][0]
+        want = {f"{a}-{min(a + cx, x)}_{b}-{min(b + cy, y)}_{c}-{min(c + cz, z)}.gz"
+                for a in range(0, x, cx) for b in range(0, y, cy) for c in range(0, z, cz)}
+        files = {p.name for p in (dest / scale["key"]).iterdir()}
+        assert files == want
+        for name_ in sorted(files)[:5]:
+            assert (dest / scale["key"] / name_).read_bytes()[:2] == b"\x1f\x8b"
+
+
+def test_info_holds_voxel_size_type_and_channels(layers):
+    info = json.loads((layers["grey"]["dest"] / "info").read_text())
+    assert info["type"] == "image" and info["data_type"] == "uint8" and info["num_channels"] == 1
+    s0 = info["scales"][0]
+    assert s0["resolution"] == [10400, 10400, 20000] and s0["key"] == "10400_10400_20000"
+    assert s0["voxel_offset"] == [0, 0, 0] and s0["encoding"] == "raw" and s0["chunk_sizes"] == [[32, 32, 2]]
+    rgb = json.loads((layers["rgb"]["dest"] / "info").read_text())
+    assert rgb["num_channels"] == 3 and rgb["data_type"] == "uint8"
+    u16 = json.loads((layers["uint16"]["dest"] / "info").read_text())
+    assert u16["data_type"] == "uint16" and u16["scales"][0]["resolution"] == [2500, 2500, 10000]
+
+
+def test_provenance_file_is_filled(layers):
+    layer = layers["grey"]
+    prov = json.loads((layer["dest"] / "provenance").read_text())
+    assert prov["description"] and prov["owners"]
+    ours = [p for p in prov["processing"] if p["method"].get("task") == pc.PROVENANCE_STEP]
+    assert len(ours) == 1
+    step = ours[0]["method"]
+    assert step["params"] == {"test": "grey"} and step["rounds"] == layer["result"]["rounds"]
+    assert ours[0]["software"]["igneous-pipeline"] and ours[0]["software"]["cloud-volume"]
+    assert {p["method"]["task"] for p in prov["processing"]} >= {"TransferTask", "DownsampleTask"}
+    assert "tmp-" not in json.dumps(prov), "the temporary build directory is not what the provenance names"
+    assert prov["sources"] == [str(s) for s in layer["sections"]]
+
+
+def test_manifest_digest_matches_the_runners_directory_checksum(layers):
+    from pipeline.runner import path_stats
+
+    dest = layers["grey"]["dest"]
+    for manifest in layers["grey"]["result"]["mips"]:
+        size, _, digest = path_stats(dest / manifest["key"])
+        assert (manifest["bytes"], manifest["sha256"]) == (size, digest)
+        assert manifest["chunks"] == manifest["expected_chunks"] == len(list((dest / manifest["key"]).iterdir()))
+
+
+# --------------------------------------------------------------------------------------------
+# verification catches damage
+
+
+@pytest.fixture
+def damaged(layers, tmp_path):
+    layer = layers["grey"]
+    copy = tmp_path / "C1T"
+    shutil.copytree(layer["dest"], copy)
+    return copy, layer["sections"]
+
+
+def test_verify_passes_on_an_intact_copy(damaged):
+    layer, sections = damaged
+    report = verify_layer(layer, sections, sample=None)
+    assert report["checked"][0] == len(list(expected_chunks(json.loads((layer / "info").read_text())["scales"][0])))
+
+
+def test_verify_catches_a_deleted_chunk(damaged):
+    layer, sections = damaged
+    info = json.loads((layer / "info").read_text())
+    victim = layer / info["scales"][1]["key"] / "32-64_32-64_2-4.gz"
+    victim.unlink()
+    with pytest.raises(LayerVerificationError, match=r"mip 1: chunk .*32-64_32-64_2-4 is missing"):
+        verify_layer(layer, sections, sample=3)
+
+
+@pytest.mark.parametrize("how", ["bitflip", "regzipped", "truncated"])
+def test_verify_catches_a_corrupted_chunk(damaged, how):
+    layer, sections = damaged
+    info = json.loads((layer / "info").read_text())
+    victim = layer / info["scales"][0]["key"] / "64-96_0-32_2-4.gz"
+    data = victim.read_bytes()
+    if how == "bitflip":
+        data = data[:20] + bytes([data[20] ^ 0xFF]) + data[21:]
+    elif how == "regzipped":  # a valid gzip file with one wrong voxel
+        raw = bytearray(gzip.decompress(data))
+        raw[100] ^= 0x01
+        data = gzip.compress(bytes(raw))
+    else:
+        data = data[: len(data) // 2]
+    victim.write_bytes(data)
+    with pytest.raises(LayerVerificationError, match="64-96_0-32_2-4"):
+        verify_layer(layer, sections, sample=None)
+
+
+def test_verify_catches_a_wrong_upper_level(damaged):
+    layer, sections = damaged
+    info = json.loads((layer / "info").read_text())
+    key = info["scales"][2]["key"]
+    victim = layer / key / "0-32_0-32_0-2.gz"
+    raw = bytearray(gzip.decompress(victim.read_bytes()))
+    raw[0] = (raw[0] + 2) % 256
+    victim.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(LayerVerificationError, match="mip 2 != mean of mip 1"):
+        verify_layer(layer, sections, sample=None)
+
+
+def test_verify_catches_igneous_odd_edge_downsampling_which_padding_avoids(tmp_path):
+    """Why the stack is padded: igneous's 2x2x1 averaging on an odd-sized volume writes wrong
+    edge values (tinybrain <= 1.7). Built here without the padding, verification must fail."""
+    import igneous.task_creation as tc
+
+    sections = write_stack(tmp_path / "aligned", 3, 203, 301)
+    stack = pc.inspect_stack(sections)
+    info = pc.make_info(stack, (1000, 1000, 20000), final_chunk_size=(64, 64, 1))
+    info["scales"][0]["size"] = [301, 203, 3]  # no padding
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    pc.write_info(src, info)
+    for z, p in enumerate(sections):
+        pc.write_rechunkme_section(str(src), str(p), z, stack.width, stack.height)
+    tasks = tc.create_transfer_tasks(pc.file_url(src), pc.file_url(dest), chunk_size=[64, 64, 1], shape=[256, 256, 1],
+                                     compress="gzip", factor=(2, 2, 1))
+    pc.run_tasks(tasks)
+    assert len(json.loads((dest / "info").read_text())["scales"]) == 2
+    with pytest.raises(LayerVerificationError, match="mip 1"):
+        verify_layer(dest, sections, sample=None)
+
+
+# --------------------------------------------------------------------------------------------
+# step 1 details, the rechunkme lifecycle, errors
+
+
+def test_step1_in_bands_writes_the_same_voxels(tmp_path):
+    sections = write_stack(tmp_path / "aligned", 2, 150, 97, compression="zlib")
+    stack = pc.inspect_stack(sections)
+    src = tmp_path / "src"
+    pc.create_rechunkme_layer(src, stack, (1000, 1000, 20000), final_chunk_size=(32, 32, 1))
+    for z, p in enumerate(sections):
+        out = pc.write_rechunkme_section(str(src), str(p), z, stack.width, stack.height, band_bytes=1)
+        assert out["z"] == z
+    got = read_mip(src, 0)
+    want = stack_xyzc(sections)
+    assert np.array_equal(got[:97, :150, :2], want) and not got[97:].any()
+    files = list((src / "1000_1000_20000").iterdir())
+    assert files and not any(f.name.endswith(".gz") for f in files), "the temporary layer is raw, uncompressed"
+
+
+def test_rechunkme_deleted_only_after_a_verified_transfer(tmp_path):
+    sections = write_stack(tmp_path / "aligned", 3, 60, 70)
+    dest = tmp_path / "C1T"
+    pc.publish_stack(sections, dest, 5, 20, chunk_size=(16, 16, 1), keep_rechunkme=True)
+    assert (tmp_path / "C1T_rechunkme" / "info").is_file()
+    out = pc.publish_stack(sections, dest, 5, 20, chunk_size=(16, 16, 1))
+    assert out["rechunkme_deleted"] and not (tmp_path / "C1T_rechunkme").exists()
+    # A failed verification (sections given in the wrong order) keeps the step-1 layer and
+    # publishes nothing under the final name.
+    shutil.rmtree(dest)
+    src = tmp_path / "C1T_rechunkme"
+    stack = pc.inspect_stack(sections)
+    pc.create_rechunkme_layer(src, stack, pc.voxel_size_nm(5, 20), (16, 16, 1))
+    for z, p in enumerate(sections):
+        pc.write_rechunkme_section(str(src), str(p), z, stack.width, stack.height)
+    with pytest.raises(LayerVerificationError, match="mip 0 differs from the sections"):
+        pc.publish_layer(src, dest, list(reversed(sections)), chunk_size=(16, 16, 1))
+    assert (src / "info").is_file() and not dest.exists()
+    assert not list(tmp_path.glob("C1T.tmp-*")), "no half-built layer left behind"
+
+
+def test_stack_with_a_different_section_is_refused(tmp_path):
+    sections = write_stack(tmp_path / "aligned", 3, 60, 70)
+    tifffile.imwrite(sections[1], np.zeros((60, 71), dtype=np.uint8))
+    with pytest.raises(pc.PrecomputedError, match="001.tif.*60x71x1 uint8.*60x70x1 uint8"):
+        pc.inspect_stack(sections)
+    tifffile.imwrite(sections[1], np.zeros((60, 70), dtype=np.float32))
+    with pytest.raises(pc.PrecomputedError, match="float32 is not published"):
+        pc.inspect_stack(sections)
+
+
+# --------------------------------------------------------------------------------------------
+# execution: local pool and fq:// queue
+
+
+def test_parallel_local_queue_gives_the_same_layer_and_keeps_the_start_method(tmp_path):
+    before = multiprocessing.get_start_method(allow_none=True)
+    sections = write_stack(tmp_path / "aligned", 3, 130, 140)
+    one = pc.publish_stack(sections, tmp_path / "one" / "C1T", 2, 4, chunk_size=(16, 16, 1), workers=1)
+    two = pc.publish_stack(sections, tmp_path / "two" / "C1T", 2, 4, chunk_size=(16, 16, 1), workers=2)
+    assert [m["sha256"] for m in one["mips"]] != []
+    assert [(m["chunks"], m["bytes"]) for m in one["mips"]] == [(m["chunks"], m["bytes"]) for m in two["mips"]]
+    for a, b in zip(one["mips"], two["mips"]):
+        for f in (tmp_path / "one" / "C1T" / a["key"]).iterdir():
+            assert gzip.decompress(f.read_bytes()) == gzip.decompress((tmp_path / "two" / "C1T" / b["key"] / f.name).read_bytes())
+    assert multiprocessing.get_start_method(allow_none=True) == before
+
+
+def test_fq_queue_is_processed_by_a_separate_worker_process(tmp_path):
+    import igneous.task_creation as tc
+    from taskqueue import TaskQueue
+
+    sections = write_stack(tmp_path / "aligned", 2, 64, 64)
+    stack = pc.inspect_stack(sections)
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    pc.create_rechunkme_layer(src, stack, (1000, 1000, 4000), final_chunk_size=(16, 16, 1))
+    for z, p in enumerate(sections):
+        pc.write_rechunkme_section(str(src), str(p), z, stack.width, stack.height)
+    queue_url = "fq://" + str(tmp_path / "queue")
+    tasks = list(tc.create_transfer_tasks(pc.file_url(src), pc.file_url(dest), chunk_size=[16, 16, 1],
+                                          shape=[32, 32, 1], compress="gzip", skip_downsamples=True))
+    assert TaskQueue(queue_url, progress=False).insert(tasks) == len(tasks) == 8
+    code = ("import sys; from pipeline.publish.precomputed import run_worker; "
+            "print(run_worker(sys.argv[1], lease_seconds=60, stop_when_empty=True))")
+    done = subprocess.run([sys.executable, "-c", code, queue_url], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "8", "the worker process ran every task"
+    assert TaskQueue(queue_url, progress=False).is_empty()
+    assert np.array_equal(read_mip(dest, 0)[:64, :64], stack_xyzc(sections))
+
+
+def test_publish_through_an_fq_queue_drains_it_here(tmp_path):
+    sections = write_stack(tmp_path / "aligned", 3, 70, 90)
+    out = pc.publish_stack(sections, tmp_path / "C1T", 5, 20, chunk_size=(16, 16, 1),
+                           queue_url="fq://" + str(tmp_path / "queue"), sample=None)
+    assert out["verified"][0] == out["mips"][0]["expected_chunks"]
+
+
+# --------------------------------------------------------------------------------------------
+# independent reader: tensorstore over HTTP from a real Apache
+
+
+def _apache_or_skip():
+    try:
+        from apache.launcher import ApacheServer, find_apache
+
+        find_apache()
+    except Exception as exc:  # module or binary missing
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"apache2 is required when CI=true: {exc}")
+        pytest.skip(f"Apache not available: {exc}")
+    return ApacheServer
+
+
+@pytest.mark.apache
+@pytest.mark.parametrize("name", ["grey", "rgb"])
+def test_tensorstore_reads_mip0_over_http_from_apache_equal_to_the_stack(layers, name):
+    """tensorstore reading the gzip layer from disk returns zeros silently (it looks for the
+    extensionless names), so the independent read goes through Apache, as Neuroglancer's does."""
+    import tensorstore as ts
+
+    ApacheServer = _apache_or_skip()
+    layer = layers[name]
+    root = Path(tempfile.mkdtemp(prefix="slidepipe-ts-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        layout = AnimalLayout(root, "A1")
+        shutil.copytree(layer["dest"], layout.precomputed_layer(1, True))
+        for directory, _, _ in os.walk(root):
+            os.chmod(directory, 0o755)
+        with ApacheServer(root) as server:
+            store = ts.open({
+                "driver": "neuroglancer_precomputed",
+                "kvstore": {"driver": "http", "base_url": f"{server.url}/A1/neuroglancer_data/C1T/"},
+                "scale_index": 0,
+            }).result()
+            got = store.read().result()
+            top = ts.open({
+                "driver": "neuroglancer_precomputed",
+                "kvstore": {"driver": "http", "base_url": f"{server.url}/A1/neuroglancer_data/C1T/"},
+                "scale_index": len(layer["result"]["mips"]) - 1,
+            }).result().read().result()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    want = stack_xyzc(layer["sections"])
+    x, y, z = want.shape[:3]
+    assert got.shape == read_mip(layer["dest"], 0).shape
+    assert np.array_equal(got[:x, :y, :z], want) and want.any()
+    assert np.array_equal(top, read_mip(layer["dest"], len(layer["result"]["mips"]) - 1))
