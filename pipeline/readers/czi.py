@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 import xml.etree.ElementTree as ET
 from datetime import datetime
 from pathlib import Path
@@ -58,6 +59,11 @@ class CziReader:
             detail = one_line(exc)
             what = "truncated CZI file" if "Not enough data" in detail else "not a readable CZI file"
             raise SlideReadError(f"{what} ({size} bytes): {detail}", self.path) from exc
+        try:
+            _check_complete(self.path, size)
+        except SlideReadError:
+            self.close()
+            raise
         self._info: SlideInfo | None = None
         self._scene_filter: dict[int, int | None] = {}
         self._channel_types: dict[tuple[int, int], str] = {}
@@ -206,6 +212,46 @@ class CziReader:
         if self._czi is None:
             raise SlideReadError("reader is closed", self.path)
         return self._czi
+
+
+def _check_complete(path: Path, size: int) -> None:
+    """Fail on open when the file ends before its last subblock does.
+
+    ZEN writes the subblock directory near the start of a file, so libCZI opens a file cut in half
+    without complaint and fails only when a missing subblock is drawn. Reading the directory
+    (segment layout of the CZI format: file header -> directory position -> entries with each
+    subblock's file position) and the last subblock's segment header finds the cut up front.
+    """
+    with open(path, "rb") as handle:
+        def read(offset: int, length: int) -> bytes:
+            handle.seek(offset)
+            data = handle.read(length)
+            if len(data) != length:
+                raise SlideReadError(f"truncated CZI file ({size} bytes): nothing at offset {offset}", path)
+            return data
+
+        directory = struct.unpack_from("<q", read(32 + 52, 8))[0]
+        if directory <= 0:
+            return  # no directory: libCZI already refused such a file
+        header = read(directory, 32 + 4)
+        if header[:15] != b"ZISRAWDIRECTORY":
+            raise SlideReadError(f"damaged CZI file: no subblock directory at offset {directory}", path)
+        count = struct.unpack_from("<i", header, 32)[0]
+        entries_start = directory + 32 + 128
+        allocated = struct.unpack_from("<q", header, 16)[0]
+        entries = read(entries_start, max(0, min(allocated - 128, size - entries_start)))
+        last, pos = 0, 0
+        for _ in range(count):
+            if pos + 32 > len(entries):
+                raise SlideReadError(f"truncated CZI file ({size} bytes): subblock directory is cut short", path)
+            last = max(last, struct.unpack_from("<q", entries, pos + 6)[0])
+            pos += 32 + 20 * struct.unpack_from("<i", entries, pos + 28)[0]
+        if count:
+            used = struct.unpack_from("<q", read(last, 32), 24)[0]
+            if last + 32 + used > size:
+                raise SlideReadError(
+                    f"truncated CZI file ({size} bytes): the last subblock ends at byte {last + 32 + used}", path
+                )
 
 
 # --- metadata helpers (pure functions of the XML tree) -----------------------------------------
