@@ -284,7 +284,7 @@ def _write_slide(path: Path, ph, spec: SampleSize, seed: int, sections: list[Sec
             channels, tissue, debris = _render(ph, spec, seed, section)
             ox, oy = section.scene_origin
             h, w = section.scene_shape
-            for ty, tx in _tile_origins((h, w), spec.tile, spec.overlap):
+            for ty, tx in tile_origins((h, w), spec.tile, spec.overlap):
                 for c, image in enumerate(channels):
                     tile = np.ascontiguousarray(image[ty : ty + spec.tile, tx : tx + spec.tile])
                     writer.write(tile, location=(ox + tx, oy + ty), plane={"C": c}, scene=section.scene_index)
@@ -313,7 +313,7 @@ def _write_slide(path: Path, ph, spec: SampleSize, seed: int, sections: list[Sec
     return written
 
 
-def _tile_origins(shape: tuple[int, int], tile: int, overlap: int) -> list[tuple[int, int]]:
+def tile_origins(shape: tuple[int, int], tile: int, overlap: int) -> list[tuple[int, int]]:
     """Top-left corners of overlapping mosaic tiles covering the scene (as a scanner's stage moves)."""
     def starts(length: int) -> list[int]:
         out = [0]

@@ -11,20 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.sample import tile_origins
+
 REAL_CZI_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "czi"
 """Real ZEN files kept beside the work tree (/work/shared/data/czi); tests skip when absent."""
 
 ZSTD = "zstd1:ExplicitLevel=1;PreProcess=HiLoByteUnpack"
-
-
-def tile_origins(shape: tuple[int, int], tile: int, overlap: int) -> list[tuple[int, int]]:
-    def starts(length: int) -> list[int]:
-        out = [0]
-        while out[-1] + tile < length:
-            out.append(out[-1] + tile - overlap)
-        return out
-
-    return [(y, x) for y in starts(shape[0]) for x in starts(shape[1])]
 
 
 def write_czi(

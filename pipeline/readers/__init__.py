@@ -113,6 +113,16 @@ def check_region(info: SceneInfo, path: Path, channel: int, x: int, y: int, widt
         )
 
 
+def file_size(path: Path) -> int:
+    """Size of a slide file that exists and is not empty: the first two things that go wrong."""
+    if not path.is_file():
+        raise SlideReadError("file does not exist", path)
+    size = path.stat().st_size
+    if size == 0:
+        raise SlideReadError("empty file (0 bytes)", path)
+    return size
+
+
 def one_line(exc: BaseException) -> str:
     """A library's exception text on one line, for a reason in SlideReadError."""
     return " ".join(str(exc).split()) or type(exc).__name__
@@ -141,6 +151,7 @@ __all__ = [
     "natural_sorted_tiffs",
     "find_gaps",
     "check_region",
+    "file_size",
     "one_line",
     "parse_iso_date",
     "CZI_SUFFIXES",

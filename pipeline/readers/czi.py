@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import SlideReadError
-from pipeline.readers import ChannelInfo, SceneInfo, SlideInfo, check_region, one_line, parse_iso_date
+from pipeline.readers import ChannelInfo, SceneInfo, SlideInfo, check_region, file_size, one_line, parse_iso_date
 
 # libCZI pixel type -> (numpy dtype, samples per pixel)
 PIXEL_TYPES = {
@@ -45,14 +45,9 @@ class CziReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise SlideReadError("file does not exist", self.path)
-        size = self.path.stat().st_size
-        if size == 0:
-            raise SlideReadError("empty file (0 bytes)", self.path)
+        size = file_size(self.path)
         from pylibCZIrw import czi as pyczi
 
-        self._pyczi = pyczi
         try:
             self._czi = pyczi.CziReader(str(self.path))
         except Exception as exc:  # libCZI raises RuntimeError with its own wording

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.atomic import is_temp
 from pipeline.errors import SlideReadError
-from pipeline.readers import TIFF_SUFFIXES, ChannelInfo, SceneInfo, SlideInfo, check_region, one_line, parse_iso_date
+from pipeline.readers import TIFF_SUFFIXES, ChannelInfo, SceneInfo, SlideInfo, check_region, file_size, one_line, parse_iso_date
 
 CHANNEL_AXES = ("C", "I", "Q")
 """tifffile axis letters that hold channels: OME/ImageJ 'C'; plain multi-page stacks ('I'/'Q')
@@ -33,11 +33,7 @@ class TiffReader:
         import tifffile
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise SlideReadError("file does not exist", self.path)
-        size = self.path.stat().st_size
-        if size == 0:
-            raise SlideReadError("empty file (0 bytes)", self.path)
+        size = file_size(self.path)
         try:
             self._tif = tifffile.TiffFile(self.path)
             series = self._tif.series[0]
