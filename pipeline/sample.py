@@ -8,8 +8,8 @@ slice at 1/32. The pixels are rendered by `pipeline.imaging.phantom` from the se
 
 Pixel size: 3.25 um (small) / 1.625 um (large). A 10x objective with a 6.5 um camera pixel and 5x5
 binning gives 3.25 um; at that size the widest section (about 2300 px) is a mouse-brain-like 7.5
-mm, and the 1/32 thumbnails are 85 px wide. The 40 sections span the whole brain, i.e. they stand
-for every ~12th section of a 20 um series.
+mm, and the 1/32 thumbnails are 80 px wide. The 40 sections span the whole brain, as if every
+10th section of a series had been kept.
 """
 
 from __future__ import annotations

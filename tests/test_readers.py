@@ -303,6 +303,10 @@ def test_plain_tiff_resolution_tags_rgb_and_no_pixel_size(tmp_path):
     tifffile.imwrite(inches, rgb[..., 0], resolution=(25400 / 2.0, 25400 / 2.0), resolutionunit="INCH")
     with open_slide(inches) as reader:
         assert reader.info().pixel_size_um == pytest.approx((2.0, 2.0))
+    imagej = tmp_path / "imagej.tif"  # ImageJ: unit tag "none", the unit in its description
+    tifffile.imwrite(imagej, rgb[..., 0], imagej=True, resolution=(1 / 0.65, 1 / 0.65), metadata={"unit": "micron"})
+    with open_slide(imagej) as reader:
+        assert reader.info().pixel_size_um == pytest.approx((0.65, 0.65))
     bare = tmp_path / "bare.tif"
     tifffile.imwrite(bare, rgb[..., 0])
     with open_slide(bare) as reader:
