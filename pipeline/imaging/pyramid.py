@@ -114,11 +114,17 @@ def block_mean_floor(volume: np.ndarray, factor: tuple[int, int, int]) -> np.nda
     X, Y, Z, C = volume.shape
     ox, oy, oz = -(-X // fx), -(-Y // fy), -(-Z // fz)
     integer = np.issubdtype(volume.dtype, np.integer)
+    acc = np.int64 if integer else np.float64
     pad = [(0, ox * fx - X), (0, oy * fy - Y), (0, oz * fz - Z), (0, 0)]
-    data = np.pad(volume.astype(np.int64 if integer else np.float64), pad)
-    counts = np.pad(np.ones((X, Y, Z), dtype=np.int64), pad[:3])
-    sums = data.reshape(ox, fx, oy, fy, oz, fz, C).sum(axis=(1, 3, 5))
-    n = counts.reshape(ox, fx, oy, fy, oz, fz).sum(axis=(1, 3, 5))[..., None]
+    # Sum in the accumulator type without first copying the whole block into it (a verifier's
+    # block can be 2048 x 2048 x 16 voxels).
+    data = np.pad(volume, pad) if any(p[1] for p in pad) else volume
+    sums = data.reshape(ox, fx, oy, fy, oz, fz, C).sum(axis=(1, 3, 5), dtype=acc)
+    counts = np.pad(np.ones((X, Y, Z), dtype=np.int64), pad[:3]) if any(p[1] for p in pad) else None
+    if counts is None:
+        n = np.int64(fx * fy * fz)
+    else:
+        n = counts.reshape(ox, fx, oy, fy, oz, fz).sum(axis=(1, 3, 5))[..., None]
     if integer:
         return (sums // n).astype(volume.dtype)  # sums are >= 0 for the unsigned stacks we publish
     return (sums / n).astype(volume.dtype)

@@ -491,10 +491,13 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
     from pipeline.publish.validate import verify_layer
 
     dest_dir = Path(dest_dir)
+    stack = inspect_stack(sections)
     with atomic_path(dest_dir) as tmp:
         built = transfer_and_downsample(src_dir, tmp, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
                                         queue_url=queue_url, memory_target=memory_target)
-        step = {"params": dict(params or {}), "sections": [str(s) for s in sections], **built}
+        # The stack's own extent: the layer can be larger by the pyramid's zero padding.
+        step = {"params": dict(params or {}), "stack": dataclasses.asdict(stack),
+                "sections": [str(s) for s in sections], **built}
         write_provenance(tmp, description or f"Neuroglancer precomputed layer {dest_dir.name}", step,
                          sources=[str(s) for s in sections])
         report = verify_layer(tmp, sections, rounds=built["rounds"], sample=sample)

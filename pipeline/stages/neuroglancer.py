@@ -1,0 +1,194 @@
+"""neuroglancer: the aligned stack of one channel -> a Neuroglancer precomputed layer.
+
+`--downsample true` publishes the thumbnail stack as C<c>T, `false` the full-resolution stack
+as C<c>, under www/neuroglancer_data/. Step 1 (one runner task per section) writes the
+temporary C<c>[T]_rechunkme layer; step 2 (one runner task for the layer) runs igneous's
+transfer and pyramid, verifies the result and records the layer in file_log with a per-mip
+manifest as its result. See docs/format-precomputed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import StageError
+from pipeline.layout import THUMBNAIL_FACTOR
+from pipeline.runner import StageContext, Task, fingerprint
+
+NAME = "neuroglancer"
+VERSION = 1
+PER_CHANNEL = True
+
+MARKER_DIR = "slidepipe_sections"
+"""Inside the step-1 layer: one small JSON per written section, the step-1 tasks' recorded
+outputs. They live (and are deleted) with that layer, so a missing layer means unwritten sections."""
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers x,y,z, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    from pipeline.publish.precomputed import DEFAULT_CHUNK, RECHUNKME_CHUNK
+
+    group.add_argument("--chunk-size", type=_triple, default=None, metavar="X,Y,Z",
+                       help=f"neuroglancer: chunk size of the published layer (default {','.join(map(str, DEFAULT_CHUNK))})")
+    group.add_argument("--rechunkme-chunk-size", type=_triple, default=None, metavar="X,Y,Z",
+                       help=f"neuroglancer: chunk size of the temporary step-1 layer (default "
+                            f"{','.join(map(str, RECHUNKME_CHUNK))})")
+    group.add_argument("--keep-rechunkme", action="store_true", default=None,
+                       help="neuroglancer: keep the temporary step-1 layer after a verified transfer")
+    group.add_argument("--mips", type=int, default=None, metavar="N",
+                       help="neuroglancer: at most N levels above full resolution (default: until the top level is small)")
+    group.add_argument("--verify-sample", type=int, default=None, metavar="N",
+                       help="neuroglancer: chunks per level decoded and compared by the verification "
+                            "(default 32; 0: all); every chunk file's presence is always checked")
+
+
+# ---------------------------------------------------------------------------------------
+# worker functions (module level: picklable)
+def rechunk_section(layer_dir: str, tiff_path: str, z: int, width: int, height: int, marker: str) -> dict:
+    from pipeline.publish.precomputed import write_rechunkme_section
+
+    result = write_rechunkme_section(layer_dir, tiff_path, z, width, height)
+    _write_marker(marker, {**result, "source": tiff_path})
+    return result
+
+
+def pad_section(layer_dir: str, z: int, marker: str) -> dict:
+    from pipeline.publish.precomputed import write_padding_section
+
+    result = write_padding_section(layer_dir, z)
+    _write_marker(marker, result)
+    return result
+
+
+def publish(src_dir: str, dest_dir: str, sections: list[str], chunk_size: list[int], max_mips: int | None,
+            workers: int, queue_url: str | None, keep_rechunkme: bool, sample: int | None, description: str,
+            params: dict) -> dict:
+    from pipeline.publish.precomputed import publish_layer
+
+    return publish_layer(src_dir, dest_dir, sections, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
+                         queue_url=queue_url, keep_rechunkme=keep_rechunkme, sample=sample,
+                         description=description, params=params)
+
+
+def _write_marker(path: str, content: dict) -> None:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(json.dumps(content, default=str))
+
+
+# ---------------------------------------------------------------------------------------
+def run(ctx: StageContext) -> None:
+    from db.queries import ordered_sections
+    from pipeline.publish.precomputed import (
+        DEFAULT_CHUNK, RECHUNKME_CHUNK, create_rechunkme_layer, inspect_stack, padding_sections, voxel_size_nm,
+    )
+    from pipeline.stages.common import require_scan_run
+
+    with ctx.session() as session:
+        scan_run = require_scan_run(session, ctx.animal)
+        xy_um, z_um = scan_run.resolution, scan_run.zresolution
+        count = len(ordered_sections(session, ctx.animal, ctx.channel))
+    if not xy_um:
+        raise StageError(f"the scan run of {ctx.animal} has no pixel size: set it with --resolution UM")
+    if count == 0:
+        raise StageError(f"animal {ctx.animal} has no active sections in channel {ctx.channel}")
+    sections = [ctx.layout.aligned(ctx.channel, ctx.downsample, i) for i in range(count)]
+    missing = [p for p in sections if not p.is_file()]
+    if missing:
+        raise StageError(f"{len(missing)} of {count} aligned sections are missing (first: {missing[0]}); "
+                         f"run --task align --channel {ctx.channel} --downsample {str(ctx.downsample).lower()} first")
+    stack = inspect_stack(sections)
+    voxel = voxel_size_nm(xy_um * (THUMBNAIL_FACTOR if ctx.downsample else 1), z_um)
+    chunk = tuple(ctx.params.get("chunk_size") or DEFAULT_CHUNK)
+    rechunk = tuple(ctx.params.get("rechunkme_chunk_size") or RECHUNKME_CHUNK)
+    max_mips = ctx.params.get("mips")
+    keep = bool(ctx.params.get("keep_rechunkme"))
+    sample = ctx.params.get("verify_sample")
+    sample = 32 if sample is None else (None if sample <= 0 else int(sample))
+    final = ctx.layout.precomputed_layer(ctx.channel, ctx.downsample)
+    temp = ctx.layout.precomputed_layer(ctx.channel, ctx.downsample, rechunkme=True)
+    # Everything that changes the published voxels or files, for both steps' fingerprints.
+    params: dict[str, Any] = {
+        "voxel_nm": list(voxel), "chunk_size": list(chunk), "rechunkme_chunk_size": list(rechunk),
+        "mips": max_mips, "stack": [stack.width, stack.height, stack.depth, stack.dtype, stack.channels],
+    }
+    name = final.name
+    resolution = f"thumbnail (1/{THUMBNAIL_FACTOR})" if ctx.downsample else "full resolution"
+    layer_task = Task(
+        key=name, func=publish, inputs=sections, outputs=[final], params=params, label=str(final),
+        kwargs={
+            "src_dir": str(temp), "dest_dir": str(final), "sections": [str(p) for p in sections],
+            "chunk_size": list(chunk), "max_mips": max_mips, "workers": ctx.settings.workers,
+            "queue_url": ctx.settings.queue_url, "keep_rechunkme": keep, "sample": sample,
+            "description": f"{ctx.animal} channel {ctx.channel}, {resolution}: the aligned stack of {count} "
+                           f"sections, published by slidepipe",
+            "params": {"animal": ctx.animal, "channel": ctx.channel, "downsample": ctx.downsample, **params},
+        },
+    )
+    if not _is_current(ctx, layer_task):
+        create_rechunkme_layer(temp, stack, voxel, chunk, max_mips, rechunk)
+        markers = temp / MARKER_DIR
+        tasks = [
+            Task(key=f"z{z:03d}", func=rechunk_section, inputs=[path], outputs=[markers / f"{z:03d}.json"],
+                 params=params, kwargs={"layer_dir": str(temp), "tiff_path": str(path), "z": z,
+                                        "width": stack.width, "height": stack.height,
+                                        "marker": str(markers / f"{z:03d}.json")})
+            for z, path in enumerate(sections)
+        ]
+        tasks += [
+            Task(key=f"z{z:03d}", func=pad_section, outputs=[markers / f"{z:03d}.json"], params=params,
+                 label=f"{temp} (blank section {z})",
+                 kwargs={"layer_dir": str(temp), "z": z, "marker": str(markers / f"{z:03d}.json")})
+            for z in padding_sections(temp, count)
+        ]
+        ctx.execute(tasks, desc=f"{name}: sections -> {temp.name}")
+        if ctx.failures:
+            return  # step 2 would only meet missing chunks; the failures are already recorded
+    results = ctx.execute([layer_task], desc=f"{name}: transfer, pyramid, verify")
+    if name in results and not keep and temp.exists():
+        shutil.rmtree(temp)  # left from a run whose layer task was already done
+    if name in results:
+        mips = results[name].get("mips", [])
+        ctx.log.info("%s: %d levels, %d chunk files, %.1f MB", final, len(mips),
+                     sum(m["chunks"] for m in mips), sum(m["bytes"] for m in mips) / 1e6)
+
+
+def _is_current(ctx: StageContext, task: Task) -> bool:
+    """Would the runner skip `task`? Then step 1 must not run: its layer was deleted on purpose.
+
+    Same rule as the runner's skip (its fingerprint over the recorded input checksums, output
+    recorded with it and present), but read-only: an input not recorded as it is now on disk
+    simply means "not current", and the runner re-checks everything when the task is executed.
+    """
+    from db.queries import current_file
+
+    checksums = []
+    with ctx.session() as session:
+        for path in task.inputs:
+            row = current_file(session, ctx.layout.relative(Path(path)))
+            try:
+                st = Path(path).stat()
+            except FileNotFoundError:
+                return False
+            if row is None or row.size != st.st_size or row.mtime_ns != st.st_mtime_ns:
+                return False
+            checksums.append(row.checksum)
+        fp = fingerprint(ctx.stage, ctx.version, task.key, task.params, checksums)
+        for out in task.outputs:
+            row = current_file(session, ctx.layout.relative(Path(out)))
+            if row is None or row.fingerprint != fp or not Path(out).exists():
+                return False
+    return True

@@ -1,0 +1,180 @@
+"""The neuroglancer stage through the real CLI: DB voxel sizes, runner tasks, file_log records,
+skip on re-run, and the temporary layer's lifecycle.
+
+The aligned stack is placed at the aligned paths by the test itself, so this does not depend on
+the align stage.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import numpy as np
+import pytest
+import tifffile
+from sqlalchemy import select
+
+from db.models import Animal, FileLog, PipelineRun, ScanRun, Slide, SlideCziToTif
+from db.queries import how_was_made
+from db.session import init_db, session_scope
+from pipeline.create_pipeline import main
+from pipeline.layout import AnimalLayout
+from pipeline.publish.validate import verify_layer
+
+ANIMAL = "NG1"
+
+
+def seed_animal(db_url: str, sections: int, resolution_um: float = 0.325, z_um: float = 20.0) -> None:
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        s.add(Animal(prep_id=ANIMAL))
+        run = ScanRun(FK_prep_id=ANIMAL, resolution=resolution_um, zresolution=z_um, channels_per_scene=1,
+                      file_type="CZI")
+        s.add(run)
+        s.flush()
+        slide = Slide(FK_scan_run_id=run.id, slide_physical_id=1, file_name="slide1.czi", scenes=sections)
+        s.add(slide)
+        s.flush()
+        for i in range(sections):
+            s.add(SlideCziToTif(FK_slide_id=slide.id, file_name=f"slide1_S{i + 1}_C1.tif", scene_number=i + 1,
+                                scene_index=i, scene_order=i, channel=1, width=10, height=10, bbox_x=0, bbox_y=0,
+                                dtype="uint8", created=dt.datetime.now()))
+    engine.dispose()
+
+
+def place_aligned(layout: AnimalLayout, count: int, height: int, width: int, downsample=True, seed=0) -> list:
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = layout.aligned(1, downsample, i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        section = rng.integers(0, 200, (height, width), dtype=np.uint8)
+        section[10 + i: 30 + i, 10:40] = 255
+        tifffile.imwrite(path, section)
+        paths.append(path)
+    return paths
+
+
+def cli(tmp_path, db_url, *extra) -> int:
+    return main(["--animal", ANIMAL, "--task", "neuroglancer", "--channel", "1", "--data-root", str(tmp_path / "data"),
+                 "--db-url", db_url, "--workers", "2", *extra])
+
+
+def last_run(db_url) -> PipelineRun:
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        run = s.scalars(select(PipelineRun).order_by(PipelineRun.id.desc()).limit(1)).first()
+        s.expunge(run)
+    engine.dispose()
+    return run
+
+
+def stack_of(paths) -> np.ndarray:
+    return np.stack([tifffile.imread(p) for p in paths], axis=-1).transpose(1, 0, 2)  # (x, y, z)
+
+
+def read_mip0(layer) -> np.ndarray:
+    from cloudvolume import CloudVolume
+
+    vol = CloudVolume("file://" + str(layer), progress=False)
+    return np.asarray(vol[vol.bounds])[..., 0]
+
+
+def test_publishes_records_and_skips_on_rerun(tmp_path, db_url):
+    layout = AnimalLayout(tmp_path / "data", ANIMAL)
+    seed_animal(db_url, 5)
+    paths = place_aligned(layout, 5, 90, 130)
+    assert cli(tmp_path, db_url, "--chunk-size", "32,32,2") == 0
+    layer = layout.precomputed_layer(1, True)
+    assert layer.name == "C1T" and not layout.precomputed_layer(1, True, rechunkme=True).exists()
+    info = json.loads((layer / "info").read_text())
+    assert info["scales"][0]["resolution"] == [10400, 10400, 20000], "0.325 um x 32 thumbnails, 20 um sections from scan_run"
+    assert info["scales"][0]["chunk_sizes"] == [[32, 32, 2]]
+    got = read_mip0(layer)
+    assert np.array_equal(got[:130, :90, :5], stack_of(paths))
+    run = last_run(db_url)
+    assert run.status == "success" and run.tasks_run == 6  # 5 sections (+ no z padding here) + the layer
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        row = s.scalars(select(FileLog).where(FileLog.path == layout.relative(layer))).one()
+        result = json.loads(row.result)
+        assert [m["mip"] for m in result["mips"]] == list(range(len(info["scales"])))
+        assert all(m["chunks"] == m["expected_chunks"] and len(m["sha256"]) == 64 for m in result["mips"])
+        assert row.size == sum(m["bytes"] for m in result["mips"]) + (layer / "info").stat().st_size \
+            + (layer / "provenance").stat().st_size
+        assert sorted(i.path for i in row.inputs) == sorted(layout.relative(p) for p in paths)
+        chunk = next((layer / info["scales"][1]["key"]).iterdir())
+        answer = how_was_made(s, layout.relative(chunk))
+        assert json.dumps(answer, default=str).count("neuroglancer") >= 1
+        per_chunk_rows = s.scalars(select(FileLog).where(FileLog.path.like(f"%{info['scales'][0]['key']}/%"))).all()
+        assert per_chunk_rows == [], "a row per layer, not per chunk"
+    engine.dispose()
+    prov = json.loads((layer / "provenance").read_text())
+    assert any(p["method"].get("task") == "slidepipe.precomputed" and p["method"]["params"]["animal"] == ANIMAL
+               for p in prov["processing"])
+    mtime = (layer / "info").stat().st_mtime_ns
+    # Re-run: nothing to do, and the deleted temporary layer is not rebuilt.
+    assert cli(tmp_path, db_url, "--chunk-size", "32,32,2") == 0
+    run = last_run(db_url)
+    assert (run.tasks_run, run.tasks_skipped) == (0, 1)
+    assert not layout.precomputed_layer(1, True, rechunkme=True).exists()
+    assert (layer / "info").stat().st_mtime_ns == mtime
+
+
+def test_changed_section_republishes_and_keep_rechunkme(tmp_path, sqlite_url):
+    layout = AnimalLayout(tmp_path / "data", ANIMAL)
+    seed_animal(sqlite_url, 4)
+    paths = place_aligned(layout, 4, 70, 70)
+    assert cli(tmp_path, sqlite_url, "--chunk-size", "16,16,2", "--keep-rechunkme") == 0
+    temp = layout.precomputed_layer(1, True, rechunkme=True)
+    assert (temp / "info").is_file(), "--keep-rechunkme keeps the step-1 layer"
+    tifffile.imwrite(paths[2], np.full((70, 70), 7, dtype=np.uint8))
+    assert cli(tmp_path, sqlite_url, "--chunk-size", "16,16,2", "--keep-rechunkme") == 0
+    run = last_run(sqlite_url)
+    assert run.tasks_run == 2, "only the changed section's step-1 task and the layer"
+    got = read_mip0(layout.precomputed_layer(1, True))
+    assert (got[:70, :70, 2] == 7).all() and np.array_equal(got[:70, :70, :4], stack_of(paths))
+    # Without --keep-rechunkme the temporary layer goes, even when the layer task is skipped.
+    assert cli(tmp_path, sqlite_url, "--chunk-size", "16,16,2") == 0
+    assert not temp.exists()
+    # A change after the temporary layer is gone rebuilds all of step 1, not just one section.
+    tifffile.imwrite(paths[0], np.full((70, 70), 9, dtype=np.uint8))
+    assert cli(tmp_path, sqlite_url, "--chunk-size", "16,16,2") == 0
+    assert last_run(sqlite_url).tasks_run == 5
+    got = read_mip0(layout.precomputed_layer(1, True))
+    assert np.array_equal(got[:70, :70, :4], stack_of(paths))
+    verify_layer(layout.precomputed_layer(1, True), paths, sample=None)
+
+
+def test_full_resolution_with_z_padding_and_a_queue(tmp_path, sqlite_url):
+    layout = AnimalLayout(tmp_path / "data", ANIMAL)
+    seed_animal(sqlite_url, 5, resolution_um=0.5, z_um=1.0)
+    paths = place_aligned(layout, 5, 100, 120, downsample=False)
+    code = cli(tmp_path, sqlite_url, "--downsample", "false", "--chunk-size", "16,16,2",
+               "--queue", "fq://" + str(tmp_path / "queue"), "--verify-sample", "0")
+    assert code == 0
+    layer = layout.precomputed_layer(1, False)
+    info = json.loads((layer / "info").read_text())
+    assert layer.name == "C1" and info["scales"][0]["resolution"] == [500, 500, 1000]
+    assert info["scales"][0]["size"][2] == 6, "one blank section pads z for the 2x2x2 level"
+    assert [s["resolution"][2] for s in info["scales"]][-1] == 2000
+    assert last_run(sqlite_url).tasks_run == 5 + 1 + 1  # sections, the blank one, the layer
+    assert np.array_equal(read_mip0(layer)[:120, :100, :5], stack_of(paths))
+
+
+def test_missing_aligned_sections_fail_with_the_file_named(tmp_path, sqlite_url, capsys):
+    layout = AnimalLayout(tmp_path / "data", ANIMAL)
+    seed_animal(sqlite_url, 3)
+    paths = place_aligned(layout, 3, 40, 40)
+    paths[1].unlink()
+    assert cli(tmp_path, sqlite_url) == 1
+    err = capsys.readouterr().err
+    assert "1 of 3 aligned sections are missing" in err and "001.tif" in err and "--task align" in err
+    assert last_run(sqlite_url).status == "failed"
+
+
+@pytest.mark.parametrize("bad", ["32,32", "0,32,2", "a,b,c"])
+def test_chunk_size_flag_is_checked(tmp_path, sqlite_url, bad):
+    with pytest.raises(SystemExit):
+        cli(tmp_path, sqlite_url, "--chunk-size", bad)
