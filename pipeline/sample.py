@@ -14,6 +14,7 @@ mm, and the 1/32 thumbnails are 80 px wide. The 40 sections span the whole brain
 
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -161,10 +162,22 @@ class SampleTruth:
         """Expected intensity of the unrotated slice at 1/32 (no texture, noise or debris)."""
         return np.load(self.phantom_thumbnail_path(position, channel))
 
+    @property
+    def section_count(self) -> int:
+        return len(self.sections)
+
+    @property
+    def dtype(self) -> str:
+        return "uint16"
+
     def render(self, position: int) -> list[np.ndarray]:
         """The section's scene pixels (one uint16 array per channel) exactly as written to the CZI."""
-        channels, _, _ = _render(phantom.make_phantom(self.seed), SIZES[self.size], self.seed, self.sections[position])
-        return channels
+        return [c.copy() for c in _rendered(self.seed, self.size, self.sections[position])]
+
+    def section_pixels(self, position: int, channel: int) -> np.ndarray:
+        """One channel (1-based) of `render(position)`; the last section rendered is cached, so
+        asking for its channels one by one renders it once."""
+        return _rendered(self.seed, self.size, self.sections[position])[channel - 1].copy()
 
     def __str__(self) -> str:
         return (
@@ -217,17 +230,25 @@ def slide_file_name(animal: str, slide_number: int) -> str:
     return f"{animal}_slide{slide_number:02d}.czi"
 
 
+def _rendered(seed: int, size: str, section: SectionTruth) -> tuple[np.ndarray, ...]:
+    return _rendered_cached(seed, size, section.position, section.depth, section.phantom_to_scene, section.scene_shape)
+
+
+@functools.lru_cache(maxsize=1)
+def _rendered_cached(seed, size, position, depth, matrix, shape) -> tuple[np.ndarray, ...]:
+    channels, _, _ = _render_at(phantom.make_phantom(seed), SIZES[size], seed, position, depth, matrix, shape)
+    return tuple(channels)
+
+
 def _render(ph: phantom.Phantom, spec: SampleSize, seed: int, section: SectionTruth):
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 2, section.position]))
+    return _render_at(ph, spec, seed, section.position, section.depth, section.phantom_to_scene, section.scene_shape)
+
+
+def _render_at(ph: phantom.Phantom, spec: SampleSize, seed: int, position: int, depth: float, matrix, shape):
+    """Pixels, footprint and debris of one section: a function of the seed and its placement only."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2, position]))
     return phantom.render_section(
-        ph,
-        section.depth,
-        np.asarray(section.phantom_to_scene),
-        section.scene_shape,
-        spec.unit_px,
-        spec.frame_shape,
-        rng,
-        pixel_scale=spec.pixel_scale,
+        ph, depth, np.asarray(matrix), shape, spec.unit_px, spec.frame_shape, rng, pixel_scale=spec.pixel_scale
     )
 
 

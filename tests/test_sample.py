@@ -104,6 +104,9 @@ def test_render_reproduces_the_written_pixels(tiny):
     for s, written in zip(tiny.sections, _scene_pixels(tiny)):
         for ours, theirs in zip(tiny.render(s.position), written):
             np.testing.assert_array_equal(ours, theirs)
+        for channel in (1, 2):
+            np.testing.assert_array_equal(tiny.section_pixels(s.position, channel), written[channel - 1])
+    assert tiny.section_count == len(tiny.sections) and tiny.dtype == "uint16"
 
 
 def test_truth_transforms_in_range_and_self_consistent(tiny):
