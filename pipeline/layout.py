@@ -98,9 +98,42 @@ class AnimalLayout:
     def aligned(self, channel: int, downsample: bool, position: int) -> Path:
         return self.aligned_dir(channel, downsample) / f"{section_name(position)}.tif"
 
+    # --- alignment: made from channel-1 thumbnails, used by every channel and resolution ----
+    @property
+    def transforms_dir(self) -> Path:
+        return self.preps / "transforms"
+
+    def pairwise_transform(self, position: int) -> Path:
+        """Registration of section `position` (moving) onto its previous neighbour (JSON)."""
+        return self.transforms_dir / "pairwise" / f"{section_name(position)}.json"
+
+    def section_transform(self, position: int) -> Path:
+        """Composed transform of one section onto the reference (middle) section (JSON)."""
+        return self.transforms_dir / "composed" / f"{section_name(position)}.json"
+
+    # --- histograms and metrics (data under preps/, plots under www/) -----------------------
+    def histogram_data(self, channel: int, downsample: bool, position: int | None = None) -> Path:
+        """Counts of one section (.npz); position None: the channel's combined histogram."""
+        name = "combined" if position is None else section_name(position)
+        return self.channel_dir(channel) / f"{resolution_name(downsample)}_histogram" / f"{name}.npz"
+
+    def histogram_png(self, channel: int, downsample: bool, position: int | None = None) -> Path:
+        name = "combined" if position is None else section_name(position)
+        return self.histogram_dir(channel) / resolution_name(downsample) / f"{name}.png"
+
+    def metrics_data(self, channel: int, downsample: bool, position: int) -> Path:
+        """Similarity of section `position` and its previous neighbour as aligned (JSON)."""
+        return self.channel_dir(channel) / f"{resolution_name(downsample)}_metrics" / f"{section_name(position)}.json"
+
+    def metrics_png(self, channel: int, downsample: bool) -> Path:
+        return self.metrics_dir() / f"CH{channel}_{resolution_name(downsample)}.png"
+
     # --- QC --------------------------------------------------------------------------------
     def section_png_dir(self, channel: int, downsample: bool = True) -> Path:
         return self.www / "section" / f"CH{channel}_{resolution_name(downsample)}"
+
+    def section_png(self, channel: int, downsample: bool, position: int) -> Path:
+        return self.section_png_dir(channel, downsample) / f"{section_name(position)}.png"
 
     def histogram_dir(self, channel: int) -> Path:
         return self.www / "histogram" / f"CH{channel}"
@@ -119,6 +152,14 @@ class AnimalLayout:
 
     def omezarr(self, channel: int, downsample: bool = False) -> Path:
         return self.www / "omezarr" / f"C{channel}{'T' if downsample else ''}.ome.zarr"
+
+    # --- viewer links (web.state.write_links) ------------------------------------------------
+    def viewer_state(self) -> Path:
+        """Neuroglancer state JSON for this animal (served, so a viewer may load it by URL)."""
+        return self.www / "neuroglancer" / "state.json"
+
+    def viewer_links(self) -> Path:
+        return self.www / "neuroglancer" / "links.json"
 
     # --- provenance relative paths ---------------------------------------------------------
     def relative(self, path: Path) -> str:

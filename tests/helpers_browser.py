@@ -1,7 +1,7 @@
 """Helpers for the serving and viewing tests: real Apache, real headless Chromium.
 
 Other test modules (e.g. the OME-Zarr browser test) use these: `require_apache()`,
-`require_chromium()`, `servable(tmp_path)`, `write_gzip_layer(...)`, `asymmetric_section(...)`,
+`require_chromium()`, `servable_dir()`, `write_gzip_layer(...)`, `asymmetric_section(...)`,
 `chromium_driver(...)`, `neuroglancer_viewer(...)` and `screenshot_data(...)`.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -65,21 +64,19 @@ def require_chromium() -> None:
         _missing("chromedriver not installed: apt-get install chromium-driver")
 
 
-def servable(path: Path) -> Path:
-    """Let Apache's workers (www-data when the tests run as root) enter `path`.
+@contextlib.contextmanager
+def servable_dir(prefix: str = "slidepipe-www-") -> Iterator[Path]:
+    """A fresh 0755 directory in the system temp dir, removed afterwards, for data Apache serves.
 
-    pytest makes its temp directories 0700; only directories inside the system temp dir are
-    given o+x (enter, not list), nothing else on the machine is touched.
+    Not tmp_path: when the tests run as root, Apache's workers run as www-data and cannot enter
+    pytest's 0700 /tmp/pytest-of-root (which every new pytest session sets back to 0700).
     """
-    path = Path(path).resolve()
-    temp_root = Path(tempfile.gettempdir()).resolve()
-    for directory in [path, *path.parents]:
-        if directory == temp_root or temp_root not in directory.parents:
-            break
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
-    return path
+    path = Path(tempfile.mkdtemp(prefix=prefix)).resolve()
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def asymmetric_section(height: int = 96, width: int = 128, seed: int = 7) -> np.ndarray:
@@ -162,3 +159,69 @@ def best_match(screenshot: np.ndarray, section: np.ndarray) -> tuple[float, tupl
     scores = np.nan_to_num(scores, nan=0.0)
     _, best, _, where = cv2.minMaxLoc(scores)
     return float(best), (int(where[1]), int(where[0]))
+
+
+def one_to_one(state: dict, section: int | None = None) -> dict:
+    """A copy of a generated state set up for pixel comparison: one xy panel, one screen pixel
+    per voxel, no axis lines, bounding boxes or scale bar drawn over the data; optionally on
+    section `section` (z index)."""
+    import copy
+
+    state = copy.deepcopy(state)
+    state.update(layout="xy", crossSectionScale=1, showAxisLines=False, showDefaultAnnotations=False,
+                 showScaleBar=False)
+    state.pop("selectedLayer", None)
+    if section is not None:
+        state["position"] = [state["position"][0], state["position"][1], section + 0.5]
+    return state
+
+
+def data_screenshot(viewer, size: tuple[int, int], timeout: float) -> np.ndarray | None:
+    """`viewer.screenshot(size)` (the data panel only, taken after every visible chunk loaded) as
+    an RGBA array, or None when Neuroglancer could not finish loading within `timeout` seconds
+    (it waits for chunks that fail to decode for ever, hence the timeout)."""
+    import threading
+    import time
+
+    with viewer.config_state.txn() as s:
+        s.show_ui_controls = False
+        s.show_panel_borders = False
+        s.viewer_size = list(size)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = threading.Event()
+        result = []
+        viewer.async_screenshot(lambda reply: (result.append(reply), done.set()))
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            return None
+        shot = result[0].screenshot
+        if (shot.width, shot.height) == tuple(size):
+            return shot.image_pixels
+    return None
+
+
+def render_with_python_viewer(driver, state: dict, size: tuple[int, int] = (256, 192),
+                              timeout: float = 60.0) -> np.ndarray | None:
+    """Show `state` (JSON dict) in a `neuroglancer.Viewer` (its own Python server) opened in the
+    selenium `driver`; return the data-only screenshot (RGBA) or None if it never finished."""
+    import neuroglancer
+
+    neuroglancer.set_server_bind_address("127.0.0.1")
+    viewer = neuroglancer.Viewer()
+    viewer.set_state(neuroglancer.ViewerState(state))
+    driver.get(viewer.get_viewer_url())
+    return data_screenshot(viewer, size, timeout)
+
+
+def page_screenshot(driver) -> np.ndarray:
+    """The browser window as an RGB array (selenium's PNG)."""
+    import cv2
+
+    png = np.frombuffer(driver.get_screenshot_as_png(), dtype=np.uint8)
+    return cv2.cvtColor(cv2.imdecode(png, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+def windowed(section: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """What Neuroglancer's invlerp + emitGrayscale draws for `section` with display `window`."""
+    lo, hi = window
+    return np.clip((section.astype(np.float64) - lo) / (hi - lo), 0, 1) * 255

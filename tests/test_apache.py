@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from apache.launcher import ApacheServer, render_config, render_virtual_host
-from tests.helpers_browser import asymmetric_section, require_apache, servable, write_gzip_layer
+from tests.helpers_browser import asymmetric_section, require_apache, servable_dir, write_gzip_layer
 
 pytestmark = [pytest.mark.apache]
 
@@ -24,9 +24,13 @@ SECRET = "not-for-the-web"
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
+def data_root() -> Path:
     require_apache()
-    root = tmp_path_factory.mktemp("apache") / "data"
+    with servable_dir() as served:
+        yield from _populate(served / "data")
+
+
+def _populate(root: Path):
     www = root / ANIMAL / "www"
     volume = np.stack([asymmetric_section(70, 100, seed=s) for s in range(2)])
     write_gzip_layer(www / "neuroglancer_data" / "C1", volume, chunk=(64, 64, 1))
@@ -41,7 +45,7 @@ def data_root(tmp_path_factory) -> Path:
     (zarr_dir / "0").mkdir(parents=True)
     (zarr_dir / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
     (zarr_dir / "0" / ".zarray").write_text(json.dumps({"zarr_format": 2}))
-    return servable(root)
+    yield root
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,163 @@
+"""Neuroglancer in real headless Chromium draws what slidepipe publishes and Apache serves.
+
+What is asserted, on pixels only:
+- through `neuroglancer.Viewer` (its own Python server) with the generated state set to one
+  screen pixel per voxel and the identity window (0, 255), the data-only screenshot taken after
+  every visible chunk loaded contains the source section *exactly* (every pixel equal), centred,
+  and it is the requested section, not a neighbour;
+- negative controls: the same render against an Apache without `Content-Encoding: gzip`, or
+  without CORS, never yields that picture (Neuroglancer cannot decode or may not read the chunks);
+- the offline client served by the same Apache under /v/<token>/, opened with the generated
+  link, draws the section with the generated (data-derived) window: correlation > 0.99 and a mean
+  difference under 1.5 grey levels against the windowed source, no "Disconnected" notice; with
+  the offline script blocked, the notice does appear (so the script is what silences it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apache.launcher import ApacheServer
+from pipeline.layout import AnimalLayout
+from tests.helpers_browser import (asymmetric_section, best_match, chromium_driver, one_to_one, page_screenshot,
+                                   render_with_python_viewer, require_apache, require_chromium, servable_dir, windowed)
+from web.state import build_state, link_for, offline_client_url
+
+pytestmark = [pytest.mark.browser, pytest.mark.apache, pytest.mark.slow, pytest.mark.timeout(600)]
+
+ANIMAL = "DK1"
+HEIGHT, WIDTH, DEPTH = 96, 128, 3
+SIZE = (256, 192)          # screenshot size (w, h): the section fits with a grey margin
+SHOWN = 1                  # the section the tests look at
+
+
+@pytest.fixture(scope="module")
+def published():
+    """A 3-section stack published by the neuroglancer stage's writer (gzip chunks)."""
+    require_apache()
+    require_chromium()
+    with servable_dir() as served:
+        yield _publish(served / "data")
+
+
+def _publish(root: Path):
+    import tifffile
+
+    from pipeline.publish.precomputed import publish_stack
+
+    sources = root / "aligned"
+    sources.mkdir(parents=True)
+    sections = [asymmetric_section(HEIGHT, WIDTH, seed=z) for z in range(DEPTH)]
+    paths = []
+    for z, section in enumerate(sections):
+        paths.append(sources / f"{z:03d}.tif")
+        tifffile.imwrite(paths[-1], section)
+    layer = AnimalLayout(root, ANIMAL).precomputed_layer(1, downsample=False)
+    publish_stack(paths, layer, xy_um=0.325, z_um=20.0)
+    assert any(layer.rglob("*.gz")), "the writer is expected to store gzip chunks"
+    return root, np.stack(sections)
+
+
+@pytest.fixture
+def driver():
+    with chromium_driver() as running:
+        yield running
+
+
+def python_viewer_render(driver, root: Path, timeout: float, **apache_options) -> np.ndarray | None:
+    with ApacheServer(root, **apache_options) as server:
+        state = build_state(root, ANIMAL, server.url, windows={1: (0, 255)})
+        return render_with_python_viewer(driver, one_to_one(state, section=SHOWN), SIZE, timeout=timeout)
+
+
+def test_python_viewer_screenshot_equals_the_source_section(published, driver):
+    root, volume = published
+    shot = python_viewer_render(driver, root, timeout=120)
+    assert shot is not None, "Neuroglancer did not finish loading the chunks served by Apache"
+    grey = shot[..., 0]
+    assert np.array_equal(grey, shot[..., 1]) and np.array_equal(grey, shot[..., 2])
+    score, (y, x) = best_match(grey, volume[SHOWN])
+    assert score > 0.999
+    assert np.array_equal(grey[y:y + HEIGHT, x:x + WIDTH], volume[SHOWN])
+    # centred (position = volume centre) and the requested section, not a neighbour
+    assert abs((y + HEIGHT / 2) - SIZE[1] / 2) <= 1 and abs((x + WIDTH / 2) - SIZE[0] / 2) <= 1
+    for other in set(range(DEPTH)) - {SHOWN}:
+        assert not np.array_equal(grey[y:y + HEIGHT, x:x + WIDTH], volume[other])
+
+
+@pytest.mark.parametrize("broken", [{"gzip_header": False}, {"cors": False}], ids=["no-gzip-header", "no-cors"])
+def test_negative_control_without_required_headers_nothing_is_drawn(published, driver, broken):
+    root, volume = published
+    shot = python_viewer_render(driver, root, timeout=25, **broken)
+    if shot is None:
+        return  # Neuroglancer never got decodable chunks: the positive test would fail here
+    score, (y, x) = best_match(shot[..., 0], volume[SHOWN])
+    assert score < 0.5, f"the section was drawn although the server is {broken}"
+
+
+def _visible_texts(driver, needle: str) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.XPATH, f"//*[contains(text(), '{needle}')]")
+    return [element.text for element in found if element.is_displayed()]
+
+
+def _offline_page(driver, root: Path, block_offline_script: bool = False):
+    """Open the generated offline link; poll the page until the section appears (or 60 s)."""
+    with ApacheServer(root) as server:
+        state = build_state(root, ANIMAL, server.url, layout="xy")
+        window = state["layers"][0]["shaderControls"]["normalized"]["range"]
+        link = link_for(one_to_one(state, section=SHOWN), offline_client_url(server.url))
+        if block_offline_script:
+            driver.execute_cdp_cmd("Network.enable", {})
+            driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*slidepipe-offline.js"]})
+        driver.get(link)
+        deadline = time.monotonic() + 60
+        expected = None
+        while time.monotonic() < deadline:
+            page = page_screenshot(driver)
+            expected = windowed(_published_section(root), window)
+            score, where = best_match(page[..., 0].astype(np.float32), expected.astype(np.float32))
+            if score > 0.99:
+                break
+            time.sleep(0.5)
+        time.sleep(1.5)  # let a failed event-stream connection show its notice, if any
+        return page, expected, score, where, window
+
+
+def _published_section(root: Path) -> np.ndarray:
+    from cloudvolume import CloudVolume
+
+    layer = AnimalLayout(root, ANIMAL).precomputed_layer(1, downsample=False)
+    cv = CloudVolume(f"file://{layer}", mip=0, progress=False)
+    return np.asarray(cv[0:WIDTH, 0:HEIGHT, SHOWN:SHOWN + 1])[..., 0, 0].T
+
+
+def test_offline_client_served_by_apache_draws_the_brain_without_notice(published, driver):
+    root, volume = published
+    assert np.array_equal(_published_section(root), volume[SHOWN])
+    page, expected, score, (y, x), window = _offline_page(driver, root)
+    assert window[0] > 0 and window[1] < 255, "window should come from the data, not the dtype range"
+    drawn = page[y:y + HEIGHT, x:x + WIDTH].astype(np.float64)
+    assert drawn.std() > 20, "blank data panel"
+    assert score > 0.99
+    assert np.abs(drawn[..., 0] - expected).mean() < 1.5
+    assert np.array_equal(drawn[..., 0], drawn[..., 1])
+    assert driver.execute_script("return window.slidepipeOffline && window.slidepipeOffline.eventsUrl")
+    assert not _visible_texts(driver, "Disconnected"), "the 'Disconnected from Python server' notice is visible"
+    assert not _visible_texts(driver, "Python server")
+
+
+def test_offline_notice_appears_when_the_offline_script_is_blocked(published, driver):
+    """Control for the test above: the client itself shows the notice; our script removes it."""
+    root, _ = published
+    page, expected, score, where, window = _offline_page(driver, root, block_offline_script=True)
+    assert score > 0.99  # it still draws (state comes from the URL)
+    deadline = time.monotonic() + 10
+    while not _visible_texts(driver, "Disconnected from Python server") and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert _visible_texts(driver, "Disconnected from Python server")
