@@ -149,15 +149,15 @@ def animals_with_published_data(data_root: str | Path) -> list[str]:
 def histogram_window(histogram_dir: Path) -> tuple[float, float] | None:
     """Window from the histogram stage's counts, if it left some we can read.
 
-    Counts are one bin per intensity (np.bincount over the dtype's range), stored as a 1-D `.npy`
-    array or as JSON with a `counts` list (and optional numpy.histogram-style `bin_edges`). A file
-    whose name says it is the channel's combined histogram wins; otherwise the per-section
-    histograms are summed.
+    Counts are one bin per intensity (np.bincount over the dtype's range), stored as `.npz`
+    (member `counts`), a 1-D `.npy` array or JSON with a `counts` list (each optionally with
+    numpy.histogram-style `bin_edges`). A file whose name says it is the channel's combined
+    histogram wins; otherwise the per-section histograms are summed.
     """
     directory = Path(histogram_dir)
     if not directory.is_dir():
         return None
-    histograms = [h for h in (_read_counts(p) for p in sorted(directory.iterdir())) if h is not None]
+    histograms = [h for h in (_read_counts(p) for p in sorted(directory.iterdir()) if p.is_file()) if h is not None]
     combined = [h for name, *h in histograms if re.search(r"combined|all|total|channel", name, re.I)]
     if combined:
         counts, edges = combined[0]
@@ -179,6 +179,11 @@ def _read_counts(path: Path) -> tuple[str, np.ndarray, np.ndarray] | None:
         if path.suffix == ".npy":
             counts = np.load(path, allow_pickle=False)
             edges = None
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                key = "counts" if "counts" in data.files else data.files[0]
+                counts = data[key]
+                edges = data["bin_edges"] if "bin_edges" in data.files else None
         elif path.suffix == ".json":
             data = json.loads(path.read_text())
             counts = np.asarray(data["counts"])
@@ -194,6 +199,15 @@ def _read_counts(path: Path) -> tuple[str, np.ndarray, np.ndarray] | None:
     if edges.size != counts.size + 1:
         return None
     return path.stem, counts, edges
+
+
+def _stored_histogram_window(ly: AnimalLayout, channel: int, downsample: bool) -> tuple[float, float] | None:
+    """The histogram stage's combined counts (preps/CH<c>/<res>_histogram/), else www/histogram/CH<c>/."""
+    for resolution in (downsample, not downsample):
+        window = histogram_window(ly.histogram_data(channel, resolution, None).parent)
+        if window is not None:
+            return window
+    return histogram_window(ly.histogram_dir(channel))
 
 
 def data_window(volume: Volume) -> tuple[float, float]:
@@ -271,7 +285,8 @@ def build_state(data_root: str | Path, animal: str, base_url: str, *,
     several = len(volumes) > 1
     layers = []
     for index, volume in enumerate(volumes):
-        window = windows.get(volume.channel) or histogram_window(ly.histogram_dir(volume.channel)) or data_window(volume)
+        window = windows.get(volume.channel) or _stored_histogram_window(ly, volume.channel, downsample) \
+            or data_window(volume)
         lo, hi = float(window[0]), float(window[1])
         colour = CHANNEL_COLOURS[index % len(CHANNEL_COLOURS)] if several and volume.num_channels != 3 else None
         layers.append({
