@@ -396,22 +396,21 @@ def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = 
     if not data_root.is_dir():
         raise ApacheError("data root does not exist (run the pipeline first)", data_root.absolute())
     with ApacheServer(data_root, port, host=host) as server:
-        print(f"slidepipe: Apache serving {server.data_root} at {server.url}/<animal>/ (Ctrl-C stops)")
-        print(f"offline Neuroglancer client: {server.url}/v/{OFFLINE_TOKEN}/")
-        animals = [animal] if animal else animals_with_published_data(data_root)
-        for name in animals:
-            links = write_links(data_root, name, server.url, public_client=public_client or PUBLIC_NEUROGLANCER)
-            print(f"\n{name}:")
-            print(f"  offline: {links['offline']}")
-            print(f"  public:  {links['public']}")
-        if not animals:
-            print("no animal has published volumes yet (www/neuroglancer_data/ or www/omezarr/)")
-        sys.stdout.flush()
         try:
+            print(f"slidepipe: Apache serving {server.data_root} at {server.url}/<animal>/ (Ctrl-C stops)")
+            print(f"offline Neuroglancer client: {server.url}/v/{OFFLINE_TOKEN}/", flush=True)
+            animals = [animal] if animal else animals_with_published_data(data_root)
+            for name in animals:
+                links = write_links(data_root, name, server.url, public_client=public_client or PUBLIC_NEUROGLANCER)
+                print(f"\n{name}:")
+                print(f"  offline: {links['offline']}")
+                print(f"  public:  {links['public']}", flush=True)
+            if not animals:
+                print("no animal has published volumes yet (www/neuroglancer_data/ or www/omezarr/)", flush=True)
             while server.process is not None and server.process.poll() is None:
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            print("\nstopping Apache")
+            print("\nstopping Apache", flush=True)
             return 0
         log = server.error_log.strip()[-2000:]
         raise ApacheError(f"Apache exited unexpectedly: {log}")

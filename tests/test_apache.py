@@ -264,3 +264,40 @@ def test_system_wide_virtual_host_with_debian_default_modules(data_root, tmp_pat
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_serve_command_prints_links_serves_and_stops_on_ctrl_c(data_root):
+    import signal
+    import sys
+    import urllib.parse
+
+    from apache.launcher import free_port
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--data-root", str(data_root),
+                                "--port", str(port), "--animal", ANIMAL],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    lines = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if line.strip().startswith("public:"):
+                break
+        text = "".join(lines)
+        offline = next(line.split("offline:", 1)[1].strip() for line in lines if "offline:" in line)
+        assert offline.startswith(f"http://127.0.0.1:{port}/v/slidepipe/#!"), text
+        state = json.loads(urllib.parse.unquote(offline.split("#!", 1)[1]))
+        source = state["layers"][0]["source"]
+        assert source == f"precomputed://http://127.0.0.1:{port}/{ANIMAL}/neuroglancer_data/C1"
+        info = request(port, "GET", f"/{ANIMAL}/neuroglancer_data/C1/info")
+        assert info.status == 200
+        assert request(port, "GET", "/v/slidepipe/").status == 200
+        assert (data_root / ANIMAL / "www/neuroglancer/links.json").is_file()
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest = process.communicate(timeout=30)[0]
+    assert process.returncode == 0, "".join(lines) + rest
+    assert "stopping Apache" in rest
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
