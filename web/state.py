@@ -265,7 +265,7 @@ def build_state(data_root: str | Path, animal: str, base_url: str, *,
                 windows: Mapping[int, tuple[float, float]] | None = None,
                 downsample: bool | None = None,
                 layer_source: str | Mapping[int, str | Path] = "precomputed",
-                layout: str = "4panel", viewport: tuple[int, int] = (1200, 800)) -> dict[str, Any]:
+                layout: str = "4panel", viewport: tuple[int, int] = (1200, 700)) -> dict[str, Any]:
     """The Neuroglancer state (JSON-ready dict) showing every channel of `animal`.
 
     `windows` maps channel -> (lo, hi) display window; otherwise the histogram stage's data is
@@ -301,12 +301,13 @@ def build_state(data_root: str | Path, animal: str, base_url: str, *,
     vx, vy, vz = reference.voxel_nm
     sx, sy, sz = reference.size
     ox, oy, oz = reference.offset
-    fit = max(sx / (viewport[0] / (2 if layout == "4panel" else 1)),
-              sy / (viewport[1] / (2 if layout == "4panel" else 1)))
+    # the panel showing xy: the whole window less Neuroglancer's top bars (~100 px), or a quarter
+    panels = 2 if layout == "4panel" else 1
+    fit = max(sx / (viewport[0] / panels), sy / ((viewport[1] - 100) / panels))
     return {
         "dimensions": {"x": [vx, "nm"], "y": [vy, "nm"], "z": [vz, "nm"]},
         "position": [ox + sx / 2, oy + sy / 2, oz + sz // 2 + 0.5],
-        "crossSectionScale": float(max(fit * 1.05, 1e-3)),
+        "crossSectionScale": float(max(fit * 1.1, 1e-3)),
         "layers": layers,
         "selectedLayer": {"layer": layers[0]["name"]},
         "layout": layout,
