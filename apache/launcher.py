@@ -45,7 +45,6 @@ REQUIRED_MODULES = [
     ("log_config", "log_config_module"),
     ("authz_core", "authz_core_module"),
     ("mime", "mime_module"),
-    ("alias", "alias_module"),
     ("rewrite", "rewrite_module"),
     ("headers", "headers_module"),
     ("allowmethods", "allowmethods_module"),
