@@ -171,8 +171,9 @@ def one_to_one(state: dict, section: int | None = None) -> dict:
     state.update(layout="xy", crossSectionScale=1, showAxisLines=False, showDefaultAnnotations=False,
                  showScaleBar=False)
     state.pop("selectedLayer", None)
-    if section is not None:
-        state["position"] = [state["position"][0], state["position"][1], section + 0.5]
+    if section is not None:  # keep the state's offset within a section (0.5: precomputed, 0: OME-Zarr)
+        z = state["position"][2]
+        state["position"] = [state["position"][0], state["position"][1], section + (z - np.floor(z))]
     return state
 
 
@@ -225,3 +226,21 @@ def windowed(section: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     """What Neuroglancer's invlerp + emitGrayscale draws for `section` with display `window`."""
     lo, hi = window
     return np.clip((section.astype(np.float64) - lo) / (hi - lo), 0, 1) * 255
+
+
+def write_plain_omezarr(store: Path, volume_zyx: np.ndarray, voxel_um=(20.0, 0.325, 0.325), zarr_format: int = 3,
+                        chunks=(1, 64, 64)) -> Path:
+    """A one-level OME-Zarr (NGFF 0.5 for zarr v3, 0.4 for v2) written with zarr and metadata
+    by hand: enough for viewer tests without the omezarr stage."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="w", zarr_format=zarr_format)
+    group.create_array("0", data=np.asarray(volume_zyx), chunks=chunks)
+    version = "0.5" if zarr_format == 3 else "0.4"
+    multiscale = {"version": version, "axes": [{"name": a, "type": "space", "unit": "micrometer"} for a in "zyx"],
+                  "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": list(voxel_um)}]}]}
+    if zarr_format == 3:
+        group.attrs["ome"] = {"version": version, "multiscales": [multiscale]}
+    else:
+        group.attrs["multiscales"] = [multiscale]
+    return Path(store)

@@ -24,7 +24,8 @@ import pytest
 from apache.launcher import ApacheServer
 from pipeline.layout import AnimalLayout
 from tests.helpers_browser import (asymmetric_section, best_match, chromium_driver, one_to_one, page_screenshot,
-                                   render_with_python_viewer, require_apache, require_chromium, servable_dir, windowed)
+                                   render_with_python_viewer, require_apache, require_chromium, servable_dir, windowed,
+                                   write_plain_omezarr)
 from web.state import build_state, link_for, offline_client_url
 
 pytestmark = [pytest.mark.browser, pytest.mark.apache, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -97,6 +98,28 @@ def test_negative_control_without_required_headers_nothing_is_drawn(published, d
         return  # Neuroglancer never got decodable chunks: the positive test would fail here
     score, (y, x) = best_match(shot[..., 0], volume[SHOWN])
     assert score < 0.5, f"the section was drawn although the server is {broken}"
+
+
+@pytest.mark.parametrize("zarr_format", [3, 2], ids=["ngff-0.5-zarr3", "ngff-0.4-zarr2"])
+def test_python_viewer_draws_an_omezarr_layer_exactly(published, driver, zarr_format):
+    """`layer_source="omezarr"`: the same section from an OME-Zarr store served by Apache."""
+    root, volume = published
+    store = AnimalLayout(root, ANIMAL).omezarr(1, downsample=False)
+    write_plain_omezarr(store, volume, zarr_format=zarr_format)
+    try:
+        with ApacheServer(root) as server:
+            state = build_state(root, ANIMAL, server.url, layer_source="omezarr", windows={1: (0, 255)})
+            assert state["layers"][0]["source"].startswith(f"zarr{zarr_format}://")
+            shot = render_with_python_viewer(driver, one_to_one(state, section=SHOWN), SIZE, timeout=120)
+    finally:
+        import shutil
+
+        shutil.rmtree(store)
+    assert shot is not None, "Neuroglancer did not finish loading the OME-Zarr chunks served by Apache"
+    score, (y, x) = best_match(shot[..., 0], volume[SHOWN])
+    assert score > 0.999
+    assert np.array_equal(shot[y:y + HEIGHT, x:x + WIDTH, 0], volume[SHOWN])
+    assert abs((y + HEIGHT / 2) - SIZE[1] / 2) <= 1 and abs((x + WIDTH / 2) - SIZE[0] / 2) <= 1
 
 
 def _visible_texts(driver, needle: str) -> list[str]:

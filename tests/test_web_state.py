@@ -107,7 +107,7 @@ def test_omezarr_layer_source_v2_and_v3(tmp_path):
     v3 = build_state(tmp_path, "DK2", BASE, layer_source="omezarr", downsample=False)
     assert v3["layers"][0]["source"] == f"zarr3://{BASE}/DK2/omezarr/C1.ome.zarr"
     assert v3["dimensions"] == {"x": [500.0, "nm"], "y": [500.0, "nm"], "z": [20000.0, "nm"]}
-    assert v3["position"] == [24.0, 16.0, 2.5]
+    assert v3["position"] == [23.5, 15.5, 2.0]  # NGFF pixel centres sit on integer coordinates
     lo, hi = v3["layers"][0]["shaderControls"]["normalized"]["range"]
     assert 0 < lo < hi <= 256
     v2 = build_state(tmp_path, "DK2", BASE, layer_source={1: layout.omezarr(1, True)}, windows={1: (1, 2)})

@@ -301,6 +301,9 @@ def build_state(data_root: str | Path, animal: str, base_url: str, *,
     vx, vy, vz = reference.voxel_nm
     sx, sy, sz = reference.size
     ox, oy, oz = reference.offset
+    # Neuroglancer puts precomputed voxel i on [i, i+1) but OME-Zarr pixel centres on i (NGFF)
+    if reference.kind != "precomputed":
+        ox, oy, oz = ox - 0.5, oy - 0.5, oz - 0.5
     # the panel showing xy: the whole window less Neuroglancer's top bars (~100 px), or a quarter
     panels = 2 if layout == "4panel" else 1
     fit = max(sx / (viewport[0] / panels), sy / ((viewport[1] - 100) / panels))
