@@ -400,8 +400,12 @@ def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = 
             print(f"offline Neuroglancer client: {server.url}/v/{OFFLINE_TOKEN}/", flush=True)
             animals = [animal] if animal else animals_with_published_data(data_root)
             for name in animals:
-                links = write_links(data_root, name, server.url, public_client=public_client or PUBLIC_NEUROGLANCER)
                 print(f"\n{name}:")
+                try:
+                    links = write_links(data_root, name, server.url, public_client=public_client or PUBLIC_NEUROGLANCER)
+                except SlidepipeError as exc:  # still serve the others and whatever this one has
+                    print(f"  no link: {exc}", flush=True)
+                    continue
                 print(f"  offline: {links['offline']}")
                 print(f"  public:  {links['public']}", flush=True)
             if not animals:

@@ -110,6 +110,8 @@ def test_omezarr_layer_source_v2_and_v3(tmp_path):
     assert v3["position"] == [23.5, 15.5, 2.0]  # NGFF pixel centres sit on integer coordinates
     lo, hi = v3["layers"][0]["shaderControls"]["normalized"]["range"]
     assert 0 < lo < hi <= 256
+    auto = build_state(tmp_path, "DK2", BASE, windows={1: (0, 255)})  # nothing precomputed: the OME-Zarr
+    assert auto["layers"][0]["source"] == v3["layers"][0]["source"]
     v2 = build_state(tmp_path, "DK2", BASE, layer_source={1: layout.omezarr(1, True)}, windows={1: (1, 2)})
     assert v2["layers"][0]["source"] == f"zarr2://{BASE}/DK2/omezarr/C1T.ome.zarr"
 

@@ -264,14 +264,15 @@ def build_state(data_root: str | Path, animal: str, base_url: str, *,
                 channels: Sequence[int] | None = None,
                 windows: Mapping[int, tuple[float, float]] | None = None,
                 downsample: bool | None = None,
-                layer_source: str | Mapping[int, str | Path] = "precomputed",
+                layer_source: str | Mapping[int, str | Path] = "auto",
                 layout: str = "4panel", viewport: tuple[int, int] = (1200, 700)) -> dict[str, Any]:
     """The Neuroglancer state (JSON-ready dict) showing every channel of `animal`.
 
     `windows` maps channel -> (lo, hi) display window; otherwise the histogram stage's data is
     used, else the smallest pyramid level's voxels. `downsample`: True shows the thumbnail layers
     (C<c>T), False the full-resolution ones, None the full ones when published. `layer_source`:
-    "precomputed", "omezarr" (the www/omezarr/C<c>.ome.zarr stores) or {channel: store path}.
+    "precomputed", "omezarr" (the www/omezarr/C<c>.ome.zarr stores), {channel: store path}, or
+    "auto": precomputed when published, else OME-Zarr.
     """
     ly = AnimalLayout(data_root, animal)
     if downsample is None:
@@ -323,6 +324,8 @@ def _volumes(ly: AnimalLayout, channels: Sequence[int] | None, downsample: bool,
         chosen = sorted(channels) if channels else sorted(layer_source)
         return [read_omezarr(Path(layer_source[c]), c) if _is_zarr(Path(layer_source[c]))
                 else read_precomputed(Path(layer_source[c]), c) for c in chosen]
+    if layer_source == "auto":
+        layer_source = "precomputed" if channels or published_channels(ly, downsample) else "omezarr"
     if layer_source == "precomputed":
         chosen = list(channels) if channels else published_channels(ly, downsample)
         return [read_precomputed(ly.precomputed_layer(c, downsample), c) for c in chosen]
@@ -335,7 +338,8 @@ def _volumes(ly: AnimalLayout, channels: Sequence[int] | None, downsample: bool,
             chosen = sorted(int(m.group(1)) for e in (directory.iterdir() if directory.is_dir() else [])
                             if (m := pattern.match(e.name)))
         return [read_omezarr(ly.omezarr(c, downsample), c) for c in chosen]
-    raise ViewerStateError(f"layer_source must be 'precomputed', 'omezarr' or {{channel: path}}, got {layer_source!r}")
+    raise ViewerStateError(f"layer_source must be 'auto', 'precomputed', 'omezarr' or {{channel: path}}, "
+                           f"got {layer_source!r}")
 
 
 def _is_zarr(path: Path) -> bool:
