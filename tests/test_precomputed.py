@@ -417,6 +417,26 @@ def test_publish_through_an_fq_queue_drains_it_here(tmp_path):
     assert out["verified"][0] == out["mips"][0]["expected_chunks"]
 
 
+@pytest.mark.parametrize("queue", [False, True], ids=["local", "fq"])
+def test_a_missing_step1_chunk_fails_the_transfer_loudly(tmp_path, queue):
+    """No fill_missing: a hole in the step-1 layer must stop the build, not become black voxels."""
+    from taskqueue import TaskQueue
+
+    sections = write_stack(tmp_path / "aligned", 2, 64, 64)
+    stack = pc.inspect_stack(sections)
+    src, dest = tmp_path / "C1T_rechunkme", tmp_path / "C1T"
+    pc.create_rechunkme_layer(src, stack, (1000, 1000, 4000), final_chunk_size=(16, 16, 1))
+    for z, p in enumerate(sections):
+        pc.write_rechunkme_section(str(src), str(p), z, stack.width, stack.height)
+    next((src / "1000_1000_4000").glob("0-64_0-64_1-2*")).unlink()
+    queue_url = "fq://" + str(tmp_path / "queue") if queue else None
+    with pytest.raises(pc.PrecomputedError, match="igneous task"):
+        pc.publish_layer(src, dest, sections, chunk_size=(16, 16, 1), queue_url=queue_url)
+    assert not dest.exists() and (src / "info").is_file()
+    if queue:
+        assert TaskQueue(queue_url, progress=False).is_empty(), "the abandoned build's tasks are purged"
+
+
 # --------------------------------------------------------------------------------------------
 # independent reader: tensorstore over HTTP from a real Apache
 

@@ -276,14 +276,23 @@ def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, l
 
         queue = TaskQueue(queue_url, progress=False)
         count = queue.insert(tasks)
-        run_worker(queue_url, lease_seconds=lease_seconds, stop_when_empty=True)
+        try:
+            run_worker(queue_url, lease_seconds=lease_seconds, stop_when_empty=True)
+        except PrecomputedError:
+            # The build is abandoned (its temporary layer is removed): its remaining tasks must
+            # not be run later by a worker into a directory that no longer means anything.
+            queue.purge()
+            raise
         return count
     from taskqueue import LocalTaskQueue
 
     with _keep_start_method():
         queue = LocalTaskQueue(parallel=max(1, int(workers)), progress=False)
         count = queue.insert(tasks)
-        queue.execute(progress=False)
+        try:
+            queue.execute(progress=False)
+        except Exception as exc:
+            raise PrecomputedError(f"an igneous task failed: {type(exc).__name__}: {exc}") from exc
     return count
 
 

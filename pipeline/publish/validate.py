@@ -257,9 +257,12 @@ def verify_layer(layer_dir: str | Path, sections: Sequence[str | Path], rounds: 
                  sample: int | None = 32, seed: int = 0) -> dict:
     """Check every expected chunk file of every mip exists and decode a sample against its source.
 
-    `sample` chunks per mip are decoded (always including the last one, which holds the edges
-    and the padding); None decodes all. `rounds` (from `transfer_and_downsample`, or read from
-    the provenance file when omitted) allow an exact check of each level. Raises
+    `sample` is the decoding budget per mip, in chunks: at mip 0 that many chunks are checked;
+    a higher chunk is checked against the level its igneous task read, which costs one decode
+    per chunk of that level under it (4**k for k 2x2 levels), so `sample // cost` chunks (at
+    least 2) are checked there. The last chunk, which holds the edges and the padding, is always
+    among them. None decodes and checks every chunk. `rounds` (from `transfer_and_downsample`,
+    or read from the provenance file when omitted) allow an exact check of each level. Raises
     LayerVerificationError listing the problems; returns the per-mip manifests.
     """
     from pipeline.publish.precomputed import read_rounds
@@ -280,6 +283,17 @@ def verify_layer(layer_dir: str | Path, sections: Sequence[str | Path], rounds: 
     return {"mips": manifests, "checked": checked}
 
 
+def _affordable(info: dict, mip: int, rounds, budget: int) -> int:
+    """How many chunks of `mip` a budget of `budget` decoded source chunks pays for."""
+    if mip == 0:
+        return max(1, budget)
+    base = _base_of(mip, rounds) if rounds is not None else mip - 1
+    factor = _factor_between(info, base, mip)
+    chunk_ratio = [int(np.ceil(f * c / b)) for f, c, b in
+                   zip(factor, info["scales"][mip]["chunk_sizes"][0], info["scales"][base]["chunk_sizes"][0])]
+    return max(2, budget // int(np.prod(chunk_ratio)))
+
+
 def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: SectionCache, rounds, sample: int | None,
                 rng: random.Random, problems: list[str], manifests: list[dict], checked: dict) -> None:
     files = _listing(layer_dir / scale["key"])
@@ -293,10 +307,11 @@ def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: Secti
             problems.append(f"mip {mip}: chunk {scale['key']}/{chunk.name} is empty")
         else:
             present.append(chunk)
-    if sample is None or sample >= len(present):
+    count = len(present) if sample is None else _affordable(info, mip, rounds, sample)
+    if count >= len(present):
         picked = present
     else:
-        picked = rng.sample(present[:-1], max(0, sample - 1)) + present[-1:] if present else []
+        picked = rng.sample(present[:-1], max(0, count - 1)) + present[-1:]
     for chunk in picked:
         reason = check_chunk(layer_dir, info, mip, chunk, cache, rounds)
         if reason:

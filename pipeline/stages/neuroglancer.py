@@ -52,8 +52,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--mips", type=int, default=None, metavar="N",
                        help="neuroglancer: at most N levels above full resolution (default: until the top level is small)")
     group.add_argument("--verify-sample", type=int, default=None, metavar="N",
-                       help="neuroglancer: chunks per level decoded and compared by the verification "
-                            "(default 32; 0: all); every chunk file's presence is always checked")
+                       help="neuroglancer: verification budget per level, in decoded chunks (default 32; "
+                            "0: decode and compare every chunk); every chunk file's presence is always checked")
 
 
 # ---------------------------------------------------------------------------------------
