@@ -100,6 +100,31 @@ def test_negative_control_without_required_headers_nothing_is_drawn(published, d
     assert score < 0.5, f"the section was drawn although the server is {broken}"
 
 
+def test_python_viewer_draws_rgb_brightfield_exactly(driver):
+    """RGB sections are published as one 3-channel layer; the state's RGB shader shows each
+    colour channel unchanged with the window (0, 255)."""
+    import tifffile
+
+    from pipeline.publish.precomputed import publish_stack
+
+    rgb = np.stack([np.stack([asymmetric_section(HEIGHT, WIDTH, seed=z), asymmetric_section(HEIGHT, WIDTH, seed=z + 10)[::-1],
+                              255 - asymmetric_section(HEIGHT, WIDTH, seed=z + 20)], axis=-1) for z in range(DEPTH)])
+    with servable_dir() as served:
+        root = served / "data"
+        (root / "aligned").mkdir(parents=True)
+        paths = [root / "aligned" / f"{z:03d}.tif" for z in range(DEPTH)]
+        for path, section in zip(paths, rgb):
+            tifffile.imwrite(path, section, photometric="rgb")
+        publish_stack(paths, AnimalLayout(root, "BF").precomputed_layer(1, downsample=False), xy_um=0.325, z_um=20.0)
+        with ApacheServer(root) as server:
+            state = build_state(root, "BF", server.url, windows={1: (0, 255)})
+            shot = render_with_python_viewer(driver, one_to_one(state, section=SHOWN), SIZE, timeout=120)
+    assert shot is not None
+    score, (y, x) = best_match(shot[..., 0], rgb[SHOWN][..., 0])
+    assert score > 0.999
+    assert np.array_equal(shot[y:y + HEIGHT, x:x + WIDTH, :3], rgb[SHOWN])
+
+
 @pytest.mark.parametrize("zarr_format", [3, 2], ids=["ngff-0.5-zarr3", "ngff-0.4-zarr2"])
 def test_python_viewer_draws_an_omezarr_layer_exactly(published, driver, zarr_format):
     """`layer_source="omezarr"`: the same section from an OME-Zarr store served by Apache."""
