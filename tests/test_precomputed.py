@@ -76,18 +76,23 @@ def read_mip(layer: Path, mip: int) -> np.ndarray:
     return np.asarray(vol[vol.bounds])
 
 
-def build(tmp: Path, name: str, *, depth, height, width, dtype=np.uint8, rgb=False, xy_um, z_um, chunk,
-          memory_target=pc.DEFAULT_MEMORY_TARGET, workers=1, compression=None):
-    sections = write_stack(tmp / name / "aligned", depth, height, width, dtype, rgb, compression=compression)
-    dest = tmp / name / "C1T"
+def make_step1(src: Path, sections: list[Path], voxel, final_chunk) -> pc.StackShape:
+    """The step-1 layer of `sections`, padding included, written in this process."""
     stack = pc.inspect_stack(sections)
-    voxel = pc.voxel_size_nm(xy_um, z_um)
-    src = tmp / name / "C1T_rechunkme"
-    pc.create_rechunkme_layer(src, stack, voxel, chunk)
+    pc.create_rechunkme_layer(src, stack, voxel, final_chunk)
     for z, path in enumerate(sections):
         pc.write_rechunkme_section(str(src), str(path), z, stack.width, stack.height)
     for z in pc.padding_sections(src, len(sections)):
         pc.write_padding_section(str(src), z)
+    return stack
+
+
+def build(tmp: Path, name: str, *, depth, height, width, dtype=np.uint8, rgb=False, xy_um, z_um, chunk,
+          memory_target=pc.DEFAULT_MEMORY_TARGET, workers=1, compression=None):
+    sections = write_stack(tmp / name / "aligned", depth, height, width, dtype, rgb, compression=compression)
+    dest = tmp / name / "C1T"
+    src = tmp / name / "C1T_rechunkme"
+    make_step1(src, sections, pc.voxel_size_nm(xy_um, z_um), chunk)
     result = pc.publish_layer(src, dest, sections, chunk_size=chunk, workers=workers, sample=None,
                               keep_rechunkme=True, memory_target=memory_target, params={"test": name})
     return {"sections": sections, "dest": dest, "src": src, "result": result, "chunk": chunk}
@@ -350,10 +355,7 @@ def test_rechunkme_deleted_only_after_a_verified_transfer(tmp_path):
     # publishes nothing under the final name.
     shutil.rmtree(dest)
     src = tmp_path / "C1T_rechunkme"
-    stack = pc.inspect_stack(sections)
-    pc.create_rechunkme_layer(src, stack, pc.voxel_size_nm(5, 20), (16, 16, 1))
-    for z, p in enumerate(sections):
-        pc.write_rechunkme_section(str(src), str(p), z, stack.width, stack.height)
+    make_step1(src, sections, pc.voxel_size_nm(5, 20), (16, 16, 1))
     with pytest.raises(LayerVerificationError, match="mip 0 differs from the sections"):
         pc.publish_layer(src, dest, list(reversed(sections)), chunk_size=(16, 16, 1))
     assert (src / "info").is_file() and not dest.exists()
@@ -392,11 +394,8 @@ def test_fq_queue_is_processed_by_a_separate_worker_process(tmp_path):
     from taskqueue import TaskQueue
 
     sections = write_stack(tmp_path / "aligned", 2, 64, 64)
-    stack = pc.inspect_stack(sections)
     src, dest = tmp_path / "src", tmp_path / "dest"
-    pc.create_rechunkme_layer(src, stack, (1000, 1000, 4000), final_chunk_size=(16, 16, 1))
-    for z, p in enumerate(sections):
-        pc.write_rechunkme_section(str(src), str(p), z, stack.width, stack.height)
+    make_step1(src, sections, (1000, 1000, 4000), (16, 16, 1))
     queue_url = "fq://" + str(tmp_path / "queue")
     tasks = list(tc.create_transfer_tasks(pc.file_url(src), pc.file_url(dest), chunk_size=[16, 16, 1],
                                           shape=[32, 32, 1], compress="gzip", skip_downsamples=True))
@@ -423,11 +422,8 @@ def test_a_missing_step1_chunk_fails_the_transfer_loudly(tmp_path, queue):
     from taskqueue import TaskQueue
 
     sections = write_stack(tmp_path / "aligned", 2, 64, 64)
-    stack = pc.inspect_stack(sections)
     src, dest = tmp_path / "C1T_rechunkme", tmp_path / "C1T"
-    pc.create_rechunkme_layer(src, stack, (1000, 1000, 4000), final_chunk_size=(16, 16, 1))
-    for z, p in enumerate(sections):
-        pc.write_rechunkme_section(str(src), str(p), z, stack.width, stack.height)
+    make_step1(src, sections, (1000, 1000, 4000), (16, 16, 1))
     next((src / "1000_1000_4000").glob("0-64_0-64_1-2*")).unlink()
     queue_url = "fq://" + str(tmp_path / "queue") if queue else None
     with pytest.raises(pc.PrecomputedError, match="igneous task"):
