@@ -243,6 +243,15 @@ def port_is_free(host: str, port: int) -> bool:
         return True
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends SIGTERM to Apache if its starter dies (even by
+    SIGKILL), so a crashed test or a killed `serve` leaves no server holding the port."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _apache_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APACHE_")}
     env.setdefault("LANG", "C")
@@ -318,7 +327,8 @@ class ApacheServer:
             try:
                 self.process = subprocess.Popen([str(apache.binary), "-f", str(conf), "-DFOREGROUND", *defines],
                                                 stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                                env=_apache_env())
+                                                env=_apache_env(),
+                                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
             finally:
                 stderr.close()
             self.port = port

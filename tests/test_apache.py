@@ -301,3 +301,26 @@ def test_serve_command_prints_links_serves_and_stops_on_ctrl_c(data_root):
     assert "stopping Apache" in rest
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_apache_dies_with_a_killed_starter(data_root):
+    """A test process killed mid-run must not leave its Apache holding the port."""
+    import signal
+    import sys
+
+    code = ("import sys, time; from apache.launcher import ApacheServer\n"
+            "s = ApacheServer(sys.argv[1]); s.start(); print(s.port, s.process.pid, flush=True); time.sleep(60)\n")
+    starter = subprocess.Popen([sys.executable, "-c", code, str(data_root)], stdout=subprocess.PIPE, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+    port, pid = (int(v) for v in starter.stdout.readline().split())
+    assert request(port, "GET", f"/{ANIMAL}/neuroglancer_data/C1/info").status == 200
+    starter.send_signal(signal.SIGKILL)
+    starter.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                break
+        time.sleep(0.1)
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "Apache outlived the process that started it"
