@@ -7,6 +7,8 @@ the nearest recorded directory above it, since stages record a layer as one outp
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -159,16 +161,16 @@ def recorded_file(session: Session, relpath: str) -> FileLog:
 
 
 def normalise_path(relpath: str | Path, data_root: str | Path | None = None) -> str:
-    """The form file_log stores: relative to the data root, POSIX separators, no './'."""
+    """The form file_log stores: relative to the data root, POSIX separators, no './'.
+
+    Files outside the data root (e.g. a TIFF folder given to extract with --input) are stored
+    with their absolute path, so an absolute path that is not under `data_root` stays absolute.
+    """
     text = str(relpath).replace("\\", "/")
     path = Path(text)
-    if path.is_absolute():
-        if data_root is None:
-            raise SlidepipeError("give the path relative to the data root (or pass the data root)", relpath)
-        try:
+    if path.is_absolute() and data_root is not None:
+        with contextlib.suppress(ValueError):
             path = path.relative_to(Path(data_root).absolute())
-        except ValueError:
-            raise SlidepipeError(f"the path is not under the data root {data_root}", relpath) from None
     return PurePosixPath(path.as_posix()).as_posix().removeprefix("./")
 
 

@@ -124,6 +124,7 @@ def extract_section(
                     resolution=_resolution_tag(info.pixel_size_um), resolutionunit="CENTIMETER" if info.pixel_size_um else None,
                 )
     thumbnail = np.concatenate(thumb_bands, axis=0)
+    all_zero = not thumbnail.any()
     with atomic_path(Path(thumb_path)) as tmp:
         tifffile.imwrite(tmp, thumbnail, photometric="rgb" if spp > 1 else "minisblack", compression="zlib")
     if png_path:
@@ -138,6 +139,7 @@ def extract_section(
     return {
         "width": width, "height": height, "dtype": dtype.name, "samples_per_pixel": spp,
         "thumbnail_shape": list(thumbnail.shape), "seconds": round(time.perf_counter() - start, 3),
+        "all_zero": all_zero,
     }
 
 
@@ -312,5 +314,9 @@ def _record_sections(ctx: StageContext, tasks: list[Task], results: dict[str, di
             if recorded is not None:
                 row.file_size, row.checksum = recorded.size, recorded.checksum
             row.processing_duration = result.get("seconds")
+            if result.get("all_zero"):
+                ctx.log.warning("%s: every pixel is 0 in the source file (extracted as is; deactivate the section if it "
+                                "should not be used)", task.describe())
+        incomplete = {Path(t.kwargs["slide_path"]).name for t in tasks if t.key not in results}
         for slide in session.scalars(select(Slide).join(ScanRun).where(ScanRun.FK_prep_id == ctx.animal)):
-            slide.processed = True
+            slide.processed = slide.file_name not in incomplete
