@@ -16,6 +16,16 @@ def downsample_area(image: np.ndarray, factor: int) -> np.ndarray:
         raise ValueError(f"factor must be >= 1, got {factor}")
     if factor == 1:
         return image.copy()
+    # Process block rows in slices so the float64 working copy stays small for wide bands.
+    rows_per_slice = factor * max(1, (1 << 21) // max(1, image[0].size * factor))
+    if image.shape[0] > rows_per_slice:
+        return np.concatenate(
+            [_downsample(image[r:r + rows_per_slice], factor) for r in range(0, image.shape[0], rows_per_slice)]
+        )
+    return _downsample(image, factor)
+
+
+def _downsample(image: np.ndarray, factor: int) -> np.ndarray:
     h, w = image.shape[:2]
     out_h, out_w = -(-h // factor), -(-w // factor)
     pad_h, pad_w = out_h * factor - h, out_w * factor - w

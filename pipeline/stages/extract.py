@@ -35,7 +35,7 @@ VERSION = 1
 
 CZI_SUFFIXES = (".czi",)
 TILE = 512  # TIFF tile edge; bands are a multiple of it and of the thumbnail factor
-BAND_ROWS = 2048
+BAND_ROWS = 1024
 BIGTIFF_BYTES = 2**32 - 2**25  # switch to BigTIFF well before the classic 4 GB limit
 _SLIDE_NUMBER = re.compile(r"slide[^0-9]*?(\d+)", re.IGNORECASE)
 
