@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import getpass
-import json
 import io
+import json
 import logging
 import multiprocessing
 import shutil
@@ -509,12 +509,16 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
                 "sections": [str(s) for s in sections], **built}
         write_provenance(tmp, description or f"Neuroglancer precomputed layer {dest_dir.name}", step,
                          sources=[str(s) for s in sections])
+        started = time.perf_counter()
         report = verify_layer(tmp, sections, rounds=built["rounds"], sample=sample)
+        built["seconds"]["verify"] = round(time.perf_counter() - started, 3)
     # The provenance names the temporary directory igneous wrote to; point it at the final name.
     _rename_in_provenance(dest_dir, tmp, dest_dir)
     removed = False
     if not keep_rechunkme:
+        started = time.perf_counter()
         shutil.rmtree(src_dir, ignore_errors=True)
+        built["seconds"]["delete_rechunkme"] = round(time.perf_counter() - started, 3)
         removed = True
     return {"mips": report["mips"], "verified": report["checked"], "plan": built["plan"], "rounds": built["rounds"],
             "seconds": built["seconds"], "rechunkme_deleted": removed}

@@ -148,7 +148,7 @@ class SectionCache:
     """Open section readers, reused across the chunks of one verification (bounded: a stack can
     have more sections than a process may keep files open)."""
 
-    def __init__(self, sections: Sequence[str | Path], limit: int = 32):
+    def __init__(self, sections: Sequence[str | Path], limit: int = 64):
         self.sections = list(sections)
         self.limit = limit
         self._open: OrderedDict[int, tuple] = OrderedDict()
@@ -312,6 +312,8 @@ def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: Secti
         picked = present
     else:
         picked = rng.sample(present[:-1], max(0, count - 1)) + present[-1:]
+        # z-major order: the sections under one slab of chunks are opened once, not per chunk.
+        picked.sort(key=lambda c: (c.start[2], c.start[1], c.start[0]))
     for chunk in picked:
         reason = check_chunk(layer_dir, info, mip, chunk, cache, rounds)
         if reason:
