@@ -65,14 +65,15 @@ def remove_stale_temps(directory: Path) -> int:
         if not is_temp(entry):
             continue
         pid_part = entry.name.split(TMP_MARK, 1)[1].split(".", 1)[0]
-        if pid_part.isdigit() and _pid_alive(int(pid_part)):
+        if pid_part.isdigit() and pid_alive(int(pid_part)):
             continue
         _remove(entry)
         removed += 1
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (signal 0); a process we may not signal still counts as alive."""
     if pid == os.getpid():
         return True
     try:

@@ -35,7 +35,7 @@ from db.models import FileLog, PipelineRun
 from db.queries import current_file
 from db.session import session_scope
 from pipeline import __version__
-from pipeline.atomic import remove_stale_temps, sha256_file
+from pipeline.atomic import pid_alive, remove_stale_temps, sha256_file
 from pipeline.config import Settings
 from pipeline.errors import SlidepipeError
 from pipeline.layout import AnimalLayout, resolution_name
@@ -342,7 +342,7 @@ def start_run(engine, *, animal: str | None, stage: str, channel: int | None, re
     host = socket.gethostname()
     with session_scope(engine) as session:
         for stale in session.scalars(select(PipelineRun).where(PipelineRun.status == "running", PipelineRun.host == host)):
-            if stale.pid and not _pid_alive(stale.pid):
+            if stale.pid and not pid_alive(stale.pid):
                 stale.status = "failed"
                 stale.error = (stale.error or "") + f"process {stale.pid} ended without finishing (killed?)"
                 stale.ended = stale.ended or dt.datetime.now()
@@ -374,13 +374,3 @@ def finish_run(engine, run_id: int, failures: Sequence[TaskFailure], extra_error
         run.status = "failed" if lines else "success"
         run.error = "\n".join(lines) if lines else None
         run.ended = dt.datetime.now()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
