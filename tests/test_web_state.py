@@ -64,6 +64,10 @@ def test_thumbnail_layers_and_channel_choice(root):
     assert [layer["source"] for layer in state["layers"]] == [f"precomputed://{BASE}/DK1/neuroglancer_data/C1T"]
     assert state["dimensions"]["x"] == [10400.0, "nm"]
     assert "emitGrayscale" in state["layers"][0]["shader"]
+    # the zoom counts the smallest voxel size per pixel: the section (8 x 5 voxels of 10.4 um)
+    # fills most of a 600 x 300 xy panel, whole
+    shown_nm = state["crossSectionScale"] * 10400.0
+    assert 0.5 < max(8 * 10400 / (shown_nm * 600), 5 * 10400 / (shown_nm * 300)) <= 1
     only_two = build_state(root, "DK1", BASE, channels=[2], windows={2: (0, 100)})
     assert [layer["name"] for layer in only_two["layers"]] == ["C2"]
 
@@ -149,3 +153,14 @@ def test_nothing_published_is_a_clear_error(root):
     with pytest.raises(ViewerStateError, match="nothing published"):
         build_state(root, "EMPTY", BASE)
     assert animals_with_published_data(root) == ["DK1"]
+
+
+def test_zoom_fits_when_sections_are_thinner_than_pixels(tmp_path):
+    """Thumbnails of the sample brain: 104 um pixels, 20 um sections. Neuroglancer's zoom counts
+    the smallest voxel size (z here) per screen pixel."""
+    layer = AnimalLayout(tmp_path, "TH").precomputed_layer(1, True)
+    write_gzip_layer(layer, np.stack([asymmetric_section(48, 80, seed=s) for s in range(4)]),
+                     voxel_nm=(104000, 104000, 20000))
+    state = build_state(tmp_path, "TH", BASE, windows={1: (0, 255)})
+    shown_nm = state["crossSectionScale"] * 20000.0
+    assert 0.5 < max(80 * 104000 / (shown_nm * 600), 48 * 104000 / (shown_nm * 300)) <= 1

@@ -305,9 +305,11 @@ def build_state(data_root: str | Path, animal: str, base_url: str, *,
     # Neuroglancer puts precomputed voxel i on [i, i+1) but OME-Zarr pixel centres on i (NGFF)
     if reference.kind != "precomputed":
         ox, oy, oz = ox - 0.5, oy - 0.5, oz - 0.5
-    # the panel showing xy: the whole window less Neuroglancer's top bars (~100 px), or a quarter
+    # the panel showing xy: the whole window less Neuroglancer's top bars (~100 px), or a quarter.
+    # crossSectionScale counts the smallest global voxel size (often z, 20 um) per screen pixel.
     panels = 2 if layout == "4panel" else 1
-    fit = max(sx / (viewport[0] / panels), sy / ((viewport[1] - 100) / panels))
+    nm_per_pixel = max(sx * vx / (viewport[0] / panels), sy * vy / ((viewport[1] - 100) / panels))
+    fit = nm_per_pixel / min(vx, vy, vz)
     return {
         "dimensions": {"x": [vx, "nm"], "y": [vy, "nm"], "z": [vz, "nm"]},
         "position": [ox + sx / 2, oy + sy / 2, oz + sz // 2 + 0.5],
