@@ -262,6 +262,31 @@ class ElastixTransformation(Base):
     run: Mapped[PipelineRun | None] = relationship()
 
 
+class AlignmentMetric(Base):
+    """How alike one section and its previous neighbour are as aligned (create_metrics): a dip
+    along the stack points at a bad section or a bad transform. Added by revision 0002."""
+
+    __tablename__ = "alignment_metric"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    FK_prep_id: Mapped[str] = mapped_column(String(20), ForeignKey("animal.prep_id"), index=True)
+    FK_section_id: Mapped[int] = mapped_column(Integer, ForeignKey("slide_czi_to_tif.id"), index=True)
+    """The section's row in the measured channel."""
+    FK_fixed_section_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("slide_czi_to_tif.id"), index=True)
+    """Its previous neighbour's row."""
+    section: Mapped[str] = mapped_column(String(5))
+    channel: Mapped[int] = mapped_column(Integer)
+    resolution: Mapped[str] = mapped_column(String(10))
+    ncc: Mapped[float | None] = mapped_column(Float)
+    """Normalised cross-correlation of the tissue both sections cover (-1..1)."""
+    mutual_information: Mapped[float | None] = mapped_column(Float)
+    """Bits, from a 32 x 32 joint histogram of the same pixels."""
+    overlap_fraction: Mapped[float | None] = mapped_column(Float)
+    """Shared tissue / the smaller section's tissue."""
+    FK_pipeline_run_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("pipeline_run.id"), index=True)
+    created: Mapped[datetime] = _created()
+
+
 # --------------------------------------------------------------------------------------------
 # Provenance
 # --------------------------------------------------------------------------------------------

@@ -130,3 +130,15 @@ def test_scaled_geometry_is_the_thumbnail_geometry_upsampled():
 def test_geometry_round_trips_through_dict():
     geometry = CleanGeometry(box=(1, 5, 2, 9), orientation=Orientation(3, True, False), canvas=(10, 12), offset=(2, 3))
     assert CleanGeometry.from_dict(geometry.to_dict()) == geometry
+
+
+@pytest.mark.parametrize("rotation,flip,flop", [(0, False, False), (1, False, True), (2, True, False), (3, True, True)])
+def test_source_to_canvas_matrix_follows_pixels(rotation, flip, flop):
+    image = np.zeros((30, 40), np.uint16)
+    image[8, 25] = 7  # one marked pixel inside the tissue box
+    mask = np.zeros(image.shape, np.uint8)
+    mask[5:20, 10:35] = 1
+    geometry = plan_clean(mask, Orientation(rotation, flip, flop), canvas=(48, 48))
+    out = clean_section(image, mask, geometry)
+    y, x = np.argwhere(out == 7)[0]
+    assert (geometry.source_to_canvas() @ [25, 8, 1])[:2] == pytest.approx([x, y])

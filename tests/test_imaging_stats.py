@@ -67,3 +67,21 @@ def test_metrics_without_overlap_are_nan():
     b[5:] = 100
     result = pair_metrics(a, b)
     assert result["overlap_pixels"] == 0 and np.isnan(result["ncc"]) and np.isnan(result["mutual_information"])
+
+
+def test_accumulated_metrics_equal_whole_image_metrics():
+    from pipeline.imaging.metrics import PairAccumulator, overlap_range
+
+    a, _ = phantom_section((120, 160), seed=3)
+    b = warp_affine(a, translation_matrix(1.5, -2), a.shape)
+    whole = pair_metrics(a, b)
+    accumulator = PairAccumulator(*overlap_range(a, b))
+    for y0 in range(0, 120, 25):
+        accumulator.add(a[y0:y0 + 25], b[y0:y0 + 25])
+    strips = accumulator.result()
+    assert strips["overlap_pixels"] == whole["overlap_pixels"]
+    assert strips["ncc"] == pytest.approx(whole["ncc"], abs=1e-9)
+    assert strips["mutual_information"] == pytest.approx(whole["mutual_information"], abs=1e-9)
+    # the NCC is Pearson's r of the overlap
+    where = (a != 0) & (b != 0)
+    assert whole["ncc"] == pytest.approx(np.corrcoef(a[where].astype(float), b[where].astype(float))[0, 1], abs=1e-9)

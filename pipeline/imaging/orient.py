@@ -132,6 +132,19 @@ class CleanGeometry:
             offset=(self.offset[0] * factor, self.offset[1] * factor),
         )
 
+    def source_to_canvas(self) -> np.ndarray:
+        """3x3 matrix taking source (x, y, 1) pixel coordinates to canvas (x, y, 1).
+
+        Lets a transform known on the extracted section (e.g. the sample brain's truth) be
+        expressed on the cleaned canvas.
+        """
+        swap = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], dtype=np.float64)
+        y0, _, x0, _ = self.box
+        to_crop = np.array([[1, 0, -y0], [0, 1, -x0], [0, 0, 1]], dtype=np.float64)
+        to_canvas = np.array([[1, 0, self.offset[0]], [0, 1, self.offset[1]], [0, 0, 1]], dtype=np.float64)
+        oriented_from_crop = np.linalg.inv(source_index_matrix(self.crop_shape, self.orientation).astype(np.float64))
+        return swap @ to_canvas @ oriented_from_crop @ to_crop @ swap
+
     def to_dict(self) -> dict:
         return {
             "box": list(self.box), "rotation": self.orientation.rotation, "flip": self.orientation.flip,

@@ -14,6 +14,7 @@ life of the worker process.
 from __future__ import annotations
 
 import importlib.util
+from importlib import metadata
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -30,11 +31,13 @@ PARAMETER_FILES = (ELASTIX_DIR / "translation.txt", ELASTIX_DIR / "rigid.txt")
 """Applied in this order; each map starts from the result of the previous one."""
 
 SITK_SETTINGS = {
-    "histogram_bins": 32, "sampling_percentage": 0.25, "seed": 1234,
+    "histogram_bins": 32, "sampling_percentage": 0.99, "seed": 1234, "learning_rate": 2.0,
     "shrink_factors": [4, 2, 1], "smoothing_sigmas": [2.0, 1.0, 0.0],
     "translation_iterations": 200, "rigid_iterations": 300,
 }
-"""The fallback's settings (recorded by the align stage like the Elastix maps)."""
+"""The fallback's settings (recorded by the align stage like the Elastix maps). Random samples of
+~all pixels: on the sample brain's 80 px thumbnails 25% sampling doubled the error, and sampling
+every pixel in grid order (no randomness) made one pair diverge."""
 
 _itk = None
 
@@ -64,7 +67,12 @@ class RigidResult:
 
 
 def elastix_available() -> bool:
-    return importlib.util.find_spec("itk") is not None and importlib.util.find_spec("itk_elastix") is not None
+    """itk-elastix is installed (checked from the package metadata: importing itk is slow)."""
+    try:
+        metadata.version("itk-elastix")
+    except metadata.PackageNotFoundError:
+        return False
+    return importlib.util.find_spec("itk") is not None
 
 
 def _load_itk():
@@ -183,7 +191,7 @@ def _register_simpleitk(fixed, moving, fixed_mask, threads) -> RigidResult:
             reg.SetMetricFixedMask(mask_image)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(
-            learningRate=2.0, minStep=1e-4, numberOfIterations=iterations_max, gradientMagnitudeTolerance=1e-8)
+            learningRate=s["learning_rate"], minStep=1e-4, numberOfIterations=iterations_max, gradientMagnitudeTolerance=1e-8)
         if scales_from_shift:
             reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetShrinkFactorsPerLevel(s["shrink_factors"])

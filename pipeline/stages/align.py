@@ -1,0 +1,326 @@
+"""align: register consecutive channel-1 cleaned thumbnails, compose onto the middle section,
+resample every section once.
+
+Three phases, each a set of runner tasks so that a change re-runs only what depends on it:
+
+1. `pair:NNN` registers section NNN (moving) onto the previous section (fixed) and writes
+   `preps/transforms/pairwise/NNN.json`; the result becomes an `elastix_transformation` row.
+2. `compose` turns the pairwise transforms (or a manual row, which wins) into one transform per
+   section onto the reference (middle) section, `preps/transforms/composed/NNN.json`. A file is
+   rewritten only when its content changes.
+3. `warp:NNN` resamples the cleaned section of the stage's channel and resolution with its
+   composed transform (an input of the task: a changed transform re-runs exactly its sections).
+
+Every channel and both resolutions use the channel-1 thumbnail transforms; full resolution
+scales them by the exact canvas ratio and warps tile by tile. A section without a cleaned
+channel-1 thumbnail is reported and bridged: its neighbours are registered to each other.
+
+Manual override: `--task align --section N --rotation DEG --xshift PX --yshift PX` stores a
+manual row (thumbnail pixels, rotation in degrees on the command line, radians in the table)
+that replaces the computed transform of section N onto its previous neighbour;
+`--section N --clear-manual` removes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import SlidepipeError
+from pipeline.layout import THUMBNAIL_FACTOR, section_name
+from pipeline.runner import StageContext, Task
+
+NAME = "align"
+VERSION = 1
+PER_CHANNEL = True
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--section", type=int, default=None,
+                       help="align: section position (0-based, as in file names NNN) for a manual transform")
+    group.add_argument("--rotation", type=float, default=None,
+                       help="align: manual rotation of --section onto the previous section, degrees")
+    group.add_argument("--xshift", type=float, default=None, help="align: manual x shift, thumbnail pixels")
+    group.add_argument("--yshift", type=float, default=None, help="align: manual y shift, thumbnail pixels")
+    group.add_argument("--clear-manual", action="store_true", default=None,
+                       help="align: remove the manual transform of --section")
+    group.add_argument("--registration", choices=["auto", "elastix", "simpleitk"], default="auto",
+                       help="align: registration backend (auto: Elastix when itk-elastix is installed)")
+
+
+# ---------------------------------------------------------------------------- worker functions
+def register_task(fixed: str, moving: str, output: str, fixed_position: int, moving_position: int,
+                  backend: str, threads: int | None = None) -> dict:
+    from pipeline.imaging.register import register_pair
+    from pipeline.stages.section_files import read_image
+
+    fixed_image, moving_image = read_image(fixed), read_image(moving)
+    if fixed_image.shape != moving_image.shape:
+        raise SlidepipeError(f"cleaned thumbnails differ in size ({fixed_image.shape} vs {moving_image.shape}): "
+                             "re-run clean for the whole channel", moving)
+    try:
+        result = register_pair(fixed_image, moving_image, backend=backend, threads=threads)
+    except SlidepipeError as exc:
+        raise SlidepipeError(exc.reason, moving) from exc
+    data = {"fixed": fixed_position, "moving": moving_position, **result.to_dict()}
+    with atomic_path(Path(output)) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+    return data
+
+
+def compose_task(chain: list[dict], reference: int, canvas: list[int], outputs: dict[str, str]) -> dict:
+    """chain: per available section in order, {"position", "pairwise": path | None, "manual": [rot, x, y] | None}."""
+    from pipeline.imaging.transforms import canvas_center, compose_to_reference, rigid_matrix, rigid_parameters
+
+    center = canvas_center(tuple(canvas))
+    pairwise: list[np.ndarray | None] = [None]
+    sources = ["reference-chain start"]
+    for previous, link in zip(chain, chain[1:]):
+        if link["manual"] is not None:
+            pairwise.append(rigid_matrix(*link["manual"], center))
+            sources.append("manual")
+            continue
+        data = json.loads(Path(link["pairwise"]).read_text())
+        if data["fixed"] != previous["position"] or data["moving"] != link["position"]:
+            raise SlidepipeError(f"pairwise transform is for {data['fixed']}->{data['moving']}, expected "
+                                 f"{previous['position']}->{link['position']}", link["pairwise"])
+        pairwise.append(rigid_matrix(data["rotation"], data["xshift"], data["yshift"], center))
+        sources.append(data["backend"])
+    index = [link["position"] for link in chain].index(reference)
+    composed = compose_to_reference(pairwise, index)
+    summary = {}
+    for link, matrix, source in zip(chain, composed, sources):
+        rotation, xshift, yshift = rigid_parameters(matrix, center)
+        payload = json.dumps({
+            "position": link["position"], "reference": reference, "canvas": list(canvas),
+            "matrix": [[float(v) for v in row] for row in matrix],
+            "rotation": rotation, "xshift": xshift, "yshift": yshift, "pairwise_source": source,
+            "convention": "aligned(p) = cleaned(matrix @ p); p = (x, y, 1) thumbnail pixel centres of the canvas",
+        }, indent=1)
+        path = Path(outputs[str(link["position"])])
+        if not path.is_file() or path.read_text() != payload:
+            with atomic_path(path) as tmp:
+                tmp.write_text(payload)
+        summary[section_name(link["position"])] = [rotation, xshift, yshift]
+    return {"reference": reference, "transforms": summary}
+
+
+def warp_thumbnail(source: str, transform: str, output: str) -> dict:
+    from pipeline.imaging.warp import warp_affine
+    from pipeline.stages.section_files import read_image, write_image
+
+    image = read_image(source)
+    data = json.loads(Path(transform).read_text())
+    if list(image.shape[:2]) != data["canvas"]:
+        raise SlidepipeError(f"cleaned section is {image.shape[1]} x {image.shape[0]} px but the transforms were made "
+                             f"on a {data['canvas'][1]} x {data['canvas'][0]} canvas: re-run clean", source)
+    aligned = warp_affine(image, np.array(data["matrix"]), image.shape[:2])
+    write_image(output, aligned)
+    return {"shape": list(aligned.shape), "rotation": data["rotation"], "xshift": data["xshift"], "yshift": data["yshift"]}
+
+
+def warp_full(source: str, transform: str, output: str) -> dict:
+    """Full resolution: the thumbnail transform scaled by the canvas ratio, warped tile by tile."""
+    from pipeline.imaging.transforms import scale_transform
+    from pipeline.imaging.warp import warp_tiles
+    from pipeline.stages.section_files import TILE, open_windows, write_tiled
+
+    data = json.loads(Path(transform).read_text())
+    with open_windows(source) as (read, shape, dtype):
+        scale_y, scale_x = shape[0] / data["canvas"][0], shape[1] / data["canvas"][1]
+        if scale_x != scale_y or scale_x != int(scale_x):
+            raise SlidepipeError(f"full-resolution canvas {shape[1]} x {shape[0]} is not a whole multiple of the "
+                                 f"thumbnail canvas {data['canvas'][1]} x {data['canvas'][0]}: re-run clean", source)
+        matrix = scale_transform(np.array(data["matrix"]), scale_x, scale_y)
+        tiles = (tile for _, tile in warp_tiles(read, shape, dtype, matrix, shape[:2], TILE))
+        write_tiled(output, shape, dtype, tiles)
+    return {"shape": list(shape), "scale": scale_x}
+
+
+# ------------------------------------------------------------------------------------ the stage
+def run(ctx: StageContext) -> None:
+    from pipeline.imaging.register import elastix_available
+    from pipeline.stages.section_files import list_sections
+
+    sections = list_sections(ctx, channel=1)
+    if ctx.params.get("section") is not None:
+        _store_manual(ctx, sections)
+    elif any(ctx.params.get(k) is not None for k in ("rotation", "xshift", "yshift", "clear_manual")):
+        raise SlidepipeError("--rotation/--xshift/--yshift/--clear-manual need --section N")
+    backend = ctx.params.get("registration") or "auto"
+    if backend == "auto":
+        backend = "elastix" if elastix_available() else "simpleitk"
+    _record_registration_settings(ctx, backend)
+
+    available = []
+    for s in sections:
+        cleaned = ctx.layout.cleaned(1, True, s.position)
+        if cleaned.is_file():
+            available.append(s)
+        else:
+            ctx.fail(cleaned, f"section {s.name} has no cleaned channel-1 thumbnail: it is left out of the stack "
+                              "and its neighbours are registered to each other")
+    if len(available) < 2:
+        raise SlidepipeError(f"need at least two cleaned channel-1 thumbnails to align, found {len(available)}")
+    pair_results = _register(ctx, available, backend)
+    transforms = _compose(ctx, available, pair_results)
+    if transforms:
+        _warp(ctx, available, transforms)
+
+
+def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
+    from pipeline.imaging.register import SITK_SETTINGS, parameter_texts
+
+    settings = parameter_texts() if backend == "elastix" else SITK_SETTINGS
+    settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    threads = max(1, (os.cpu_count() or 1) // max(1, ctx.settings.workers))
+    tasks = []
+    for fixed, moving in zip(available, available[1:]):
+        fixed_path, moving_path = ctx.layout.cleaned(1, True, fixed.position), ctx.layout.cleaned(1, True, moving.position)
+        output = ctx.layout.pairwise_transform(moving.position)
+        tasks.append(Task(
+            key=f"pair:{moving.name}", func=register_task,
+            kwargs={"fixed": str(fixed_path), "moving": str(moving_path), "output": str(output),
+                    "fixed_position": fixed.position, "moving_position": moving.position, "backend": backend,
+                    "threads": threads},
+            inputs=[fixed_path, moving_path], outputs=[output],
+            params={"fixed": fixed.position, "backend": backend, "settings": settings_hash}, label=str(moving_path)))
+    results = ctx.execute(tasks, desc="register pairs")
+    _record_pairs(ctx, available, results)
+    return results
+
+
+def _record_pairs(ctx: StageContext, available, results: dict[str, dict]) -> None:
+    from sqlalchemy import select
+
+    from db.models import ElastixTransformation
+
+    by_position = {s.position: s for s in available}
+    with ctx.session() as session:
+        for key, data in results.items():
+            moving, fixed = by_position[data["moving"]], by_position[data["fixed"]]
+            row = session.scalars(select(ElastixTransformation).where(
+                ElastixTransformation.FK_prep_id == ctx.animal, ElastixTransformation.FK_section_id == moving.channel1_id,
+                ElastixTransformation.manual.is_(False), ElastixTransformation.active.is_(True),
+                ElastixTransformation.resolution == "thumbnail")).first()
+            values = {"FK_fixed_section_id": fixed.channel1_id, "section": moving.name, "rotation": data["rotation"],
+                      "xshift": data["xshift"], "yshift": data["yshift"], "metric": data["metric"],
+                      "iteration": data["iterations"]}
+            if row is None:
+                session.add(ElastixTransformation(FK_prep_id=ctx.animal, FK_section_id=moving.channel1_id, manual=False,
+                                                  resolution="thumbnail", active=True, FK_pipeline_run_id=ctx.run_id, **values))
+            elif any(getattr(row, k) != v for k, v in values.items()):
+                for k, v in values.items():
+                    setattr(row, k, v)
+                row.FK_pipeline_run_id = ctx.run_id
+
+
+def _manual_rows(ctx: StageContext) -> dict[int, object]:
+    from sqlalchemy import select
+
+    from db.models import ElastixTransformation
+
+    with ctx.session() as session:
+        rows = session.scalars(select(ElastixTransformation).where(
+            ElastixTransformation.FK_prep_id == ctx.animal, ElastixTransformation.manual.is_(True),
+            ElastixTransformation.active.is_(True)).order_by(ElastixTransformation.id)).all()
+    return {row.FK_section_id: row for row in rows}
+
+
+def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dict[int, Path] | None:
+    from pipeline.stages.section_files import read_image
+
+    manual = _manual_rows(ctx)
+    chain = []
+    for index, s in enumerate(available):
+        link = {"position": s.position, "pairwise": None, "manual": None}
+        if index > 0:
+            row = manual.get(s.channel1_id)
+            if row is not None and row.FK_fixed_section_id == available[index - 1].channel1_id:
+                link["manual"] = [row.rotation, row.xshift, row.yshift]
+            elif row is not None:
+                ctx.log.warning("align: the manual transform of section %s was made against another neighbour; ignored", s.name)
+            if link["manual"] is None:
+                if f"pair:{s.name}" not in pair_results:
+                    ctx.fail(ctx.layout.cleaned(1, True, s.position), f"section {s.name}: no registration onto its "
+                             "previous section (see the error above); the stack is not composed")
+                    return None
+                link["pairwise"] = str(ctx.layout.pairwise_transform(s.position))
+        chain.append(link)
+    reference = available[len(available) // 2].position
+    canvas = list(read_image(ctx.layout.cleaned(1, True, reference)).shape[:2])
+    outputs = {str(s.position): str(ctx.layout.section_transform(s.position)) for s in available}
+    inputs = [Path(link["pairwise"]) for link in chain if link["pairwise"]]
+    task = Task(key="compose", func=compose_task,
+                kwargs={"chain": chain, "reference": reference, "canvas": canvas, "outputs": outputs},
+                inputs=inputs, outputs=[Path(p) for p in outputs.values()],
+                params={"chain": [{k: v for k, v in link.items() if k != "pairwise"} for link in chain],
+                        "reference": reference, "canvas": canvas}, label=str(ctx.layout.transforms_dir))
+    if "compose" not in ctx.execute([task], desc="compose transforms"):
+        return None
+    return {s.position: ctx.layout.section_transform(s.position) for s in available}
+
+
+def _warp(ctx: StageContext, available, transforms: dict[int, Path]) -> None:
+    tasks = []
+    for s in available:
+        source = ctx.layout.cleaned(ctx.channel, ctx.downsample, s.position)
+        if not source.is_file():
+            ctx.fail(source, f"section {s.name}: cleaned channel {ctx.channel} "
+                             f"({'thumbnail' if ctx.downsample else 'full resolution'}) is missing: run --task clean")
+            continue
+        output = ctx.layout.aligned(ctx.channel, ctx.downsample, s.position)
+        func = warp_thumbnail if ctx.downsample else warp_full
+        tasks.append(Task(key=f"warp:{s.name}", func=func,
+                          kwargs={"source": str(source), "transform": str(transforms[s.position]), "output": str(output)},
+                          inputs=[source, transforms[s.position]], outputs=[output],
+                          params={"interpolation": "linear"}, label=str(source)))
+    ctx.execute(tasks, desc=f"warp CH{ctx.channel}")
+
+
+def _record_registration_settings(ctx: StageContext, backend: str) -> None:
+    """The parameter maps actually used go into the run's params (pipeline_run.params)."""
+    from db.models import PipelineRun
+    from pipeline.imaging.register import SITK_SETTINGS, parameter_texts
+
+    if ctx.run_id is None:
+        return
+    with ctx.session() as session:
+        run = session.get(PipelineRun, ctx.run_id)
+        params = json.loads(run.params or "{}")
+        params["registration_backend"] = backend
+        params["registration_settings"] = parameter_texts() if backend == "elastix" else SITK_SETTINGS
+        run.params = json.dumps(params, sort_keys=True, default=str)
+
+
+def _store_manual(ctx: StageContext, sections) -> None:
+    from sqlalchemy import select
+
+    from db.models import ElastixTransformation
+
+    position = int(ctx.params["section"])
+    if not 0 < position < len(sections):
+        raise SlidepipeError(f"--section {position}: a manual transform needs a section 1..{len(sections) - 1} "
+                             "(it maps the section onto its previous one)")
+    moving, fixed = sections[position], sections[position - 1]
+    with ctx.session() as session:
+        for row in session.scalars(select(ElastixTransformation).where(
+                ElastixTransformation.FK_prep_id == ctx.animal, ElastixTransformation.FK_section_id == moving.channel1_id,
+                ElastixTransformation.manual.is_(True), ElastixTransformation.active.is_(True))):
+            row.active = False
+        if ctx.params.get("clear_manual"):
+            ctx.log.info("align: manual transform of section %s removed", moving.name)
+            return
+        rotation = np.deg2rad(ctx.params.get("rotation") or 0.0)
+        session.add(ElastixTransformation(
+            FK_prep_id=ctx.animal, FK_section_id=moving.channel1_id, FK_fixed_section_id=fixed.channel1_id,
+            section=moving.name, rotation=float(rotation), xshift=float(ctx.params.get("xshift") or 0.0),
+            yshift=float(ctx.params.get("yshift") or 0.0), metric=None, iteration=None, manual=True,
+            resolution="thumbnail", active=True, FK_pipeline_run_id=ctx.run_id))
+    ctx.log.info("align: manual transform stored for section %s (wins over the computed one)", moving.name)

@@ -1,0 +1,170 @@
+"""create_metrics: how alike each section and its previous neighbour are *as aligned*.
+
+Per pair: normalised cross-correlation and mutual information on the tissue both cover
+(`preps/CH<c>/<res>_metrics/NNN.json`, one `alignment_metric` row), then one plot along the
+stack (`www/metrics/CH<c>_<res>.png`) with outliers in red, so a bad section or a bad transform
+is seen at a glance. Full resolution reads the aligned sections window by window and takes the
+mutual-information bin ranges from the aligned thumbnails.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import SlidepipeError
+from pipeline.runner import StageContext, Task
+
+NAME = "create_metrics"
+VERSION = 1
+PER_CHANNEL = False
+WINDOW = (2048, 2048)
+
+
+# ---------------------------------------------------------------------------- worker functions
+def pair_task(fixed: str, moving: str, output: str, fixed_position: int, moving_position: int,
+              fixed_thumbnail: str | None = None, moving_thumbnail: str | None = None) -> dict:
+    from pipeline.imaging.metrics import PairAccumulator, overlap_range, pair_metrics
+    from pipeline.imaging.tiles import tile_grid
+    from pipeline.stages.section_files import open_windows, read_image
+
+    if fixed_thumbnail is None:
+        result = pair_metrics(read_image(fixed), read_image(moving))
+    else:
+        ranges = overlap_range(read_image(fixed_thumbnail), read_image(moving_thumbnail))
+        accumulator = PairAccumulator(*ranges)
+        with open_windows(fixed) as (read_a, shape_a, _), open_windows(moving) as (read_b, shape_b, _):
+            if shape_a != shape_b:
+                raise SlidepipeError(f"aligned sections differ in size: {shape_a} vs {shape_b}", moving)
+            for y0, y1, x0, x1 in tile_grid(shape_a[:2], WINDOW):
+                accumulator.add(read_a(y0, y1, x0, x1), read_b(y0, y1, x0, x1))
+        result = accumulator.result()
+    result = {"fixed": fixed_position, "moving": moving_position, **result}
+    with atomic_path(Path(output)) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def outliers(values: np.ndarray, spread: float = 4.0, drop: float = 0.15, window: int = 7) -> np.ndarray:
+    """Undefined values, and dips below the local trend (running median of `window` pairs) by
+    more than `drop` of it and `spread` median absolute residuals. Similarity falls smoothly
+    towards the ends of a brain; a bad section makes a dip."""
+    finite = np.isfinite(values)
+    flagged = ~finite
+    if finite.sum() < window:
+        return flagged
+    index = np.flatnonzero(finite)
+    kept = values[finite]
+    half = window // 2
+    trend = np.array([np.median(kept[max(0, i - half):i + half + 1]) for i in range(kept.size)])
+    residual = kept - trend
+    mad = np.median(np.abs(residual)) or 1e-9
+    dips = (residual < -spread * 1.4826 * mad) & (residual < -drop * np.abs(trend))
+    flagged[index[dips]] = True
+    return flagged
+
+
+def plot_task(parts: list[str], output: str, title: str) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(Path(p).read_text()) for p in parts]
+    positions = np.array([r["moving"] for r in rows])
+    fig, axes = plt.subplots(2, 1, figsize=(8, 4.5), dpi=100, sharex=True)
+    ncc = np.array([r["ncc"] if r["ncc"] is not None else np.nan for r in rows], dtype=float)
+    flagged = outliers(ncc)  # NCC is the smoother of the two along a stack
+    flagged_all = set(positions[flagged].tolist())
+    try:
+        for ax, key, label in ((axes[0], "ncc", "NCC"), (axes[1], "mutual_information", "MI (bits)")):
+            values = np.array([r[key] if r[key] is not None else np.nan for r in rows], dtype=float)
+            ax.plot(positions, values, "-o", ms=3, color="tab:blue")
+            ax.plot(positions[flagged], np.nan_to_num(values[flagged], nan=np.nanmin(values) if np.isfinite(values).any() else 0),
+                    "o", ms=7, color="tab:red", label="dip / undefined")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+        axes[1].set_xlabel("section (compared with the previous one)")
+        axes[0].set_title(title, fontsize=9)
+        if flagged_all:
+            axes[0].legend(fontsize=8, loc="lower left")
+        fig.tight_layout()
+        with atomic_path(Path(output)) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
+    return {"pairs": len(rows), "flagged_sections": sorted(flagged_all)}
+
+
+# ------------------------------------------------------------------------------------ the stage
+def run(ctx: StageContext) -> None:
+    from pipeline.stages.section_files import list_sections
+
+    layout = ctx.layout
+    sections = list_sections(ctx)
+    available = []
+    for s in sections:
+        path = layout.aligned(ctx.channel, ctx.downsample, s.position)
+        if path.is_file():
+            available.append(s)
+        else:
+            ctx.fail(path, f"section {s.name} has no aligned image (run --task align); compared across the gap")
+    tasks = []
+    for fixed, moving in zip(available, available[1:]):
+        a, b = layout.aligned(ctx.channel, ctx.downsample, fixed.position), layout.aligned(ctx.channel, ctx.downsample, moving.position)
+        output = layout.metrics_data(ctx.channel, ctx.downsample, moving.position)
+        kwargs = {"fixed": str(a), "moving": str(b), "output": str(output),
+                  "fixed_position": fixed.position, "moving_position": moving.position}
+        inputs = [a, b]
+        if not ctx.downsample:
+            ta, tb = layout.aligned(ctx.channel, True, fixed.position), layout.aligned(ctx.channel, True, moving.position)
+            if not (ta.is_file() and tb.is_file()):
+                ctx.fail(b, f"section {moving.name}: full-resolution metrics need the aligned thumbnails too (run align)")
+                continue
+            kwargs.update(fixed_thumbnail=str(ta), moving_thumbnail=str(tb))
+            inputs += [ta, tb]
+        tasks.append(Task(key=f"pair:{moving.name}", func=pair_task, kwargs=kwargs, inputs=inputs, outputs=[output],
+                          params={"fixed": fixed.position, "bins": 32}, label=str(b)))
+    results = ctx.execute(tasks, desc=f"metrics CH{ctx.channel}")
+    _record(ctx, {s.position: s for s in sections}, results)
+    parts = [t.outputs[0] for t in tasks if t.key in results]
+    if parts:
+        png = layout.metrics_png(ctx.channel, ctx.downsample)
+        done = ctx.execute([Task(key="plot", func=plot_task,
+                                 kwargs={"parts": [str(p) for p in parts], "output": str(png),
+                                         "title": f"{ctx.animal} CH{ctx.channel} {ctx.resolution}: similarity of each "
+                                                  "section to the previous one, as aligned"},
+                                 inputs=parts, outputs=[png], label=str(png))], desc="metrics plot")
+        flagged = done.get("plot", {}).get("flagged_sections")
+        if flagged:
+            ctx.log.warning("create_metrics: sections that differ most from their neighbour: %s (see %s)",
+                            ", ".join(f"{p:03d}" for p in flagged), png)
+
+
+def _record(ctx: StageContext, by_position, results: dict[str, dict]) -> None:
+    from sqlalchemy import select
+
+    from db.models import AlignmentMetric
+
+    def clean(value):
+        return None if value is None or not np.isfinite(value) else float(value)
+
+    with ctx.session() as session:
+        for data in results.values():
+            moving, fixed = by_position[data["moving"]], by_position[data["fixed"]]
+            row = session.scalars(select(AlignmentMetric).where(
+                AlignmentMetric.FK_prep_id == ctx.animal, AlignmentMetric.FK_section_id == moving.row_id,
+                AlignmentMetric.channel == ctx.channel, AlignmentMetric.resolution == ctx.resolution)).first()
+            values = {"FK_fixed_section_id": fixed.row_id, "section": moving.name, "ncc": clean(data["ncc"]),
+                      "mutual_information": clean(data["mutual_information"]),
+                      "overlap_fraction": clean(data["overlap_fraction"])}
+            if row is None:
+                session.add(AlignmentMetric(FK_prep_id=ctx.animal, FK_section_id=moving.row_id, channel=ctx.channel,
+                                            resolution=ctx.resolution, FK_pipeline_run_id=ctx.run_id, **values))
+            elif any(getattr(row, k) != v for k, v in values.items()):
+                for k, v in values.items():
+                    setattr(row, k, v)
+                row.FK_pipeline_run_id = ctx.run_id
