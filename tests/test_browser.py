@@ -4,7 +4,8 @@ What is asserted, on pixels only:
 - through `neuroglancer.Viewer` (its own Python server) with the generated state set to one
   screen pixel per voxel and the identity window (0, 255), the data-only screenshot taken after
   every visible chunk loaded contains the source section *exactly* (every pixel equal), centred,
-  and it is the requested section, not a neighbour;
+  and it is the requested section, not a neighbour; likewise an RGB (3-channel) layer, every
+  colour channel exact, and OME-Zarr stores (NGFF 0.5 / zarr v3 and 0.4 / zarr v2);
 - negative controls: the same render against an Apache without `Content-Encoding: gzip`, or
   without CORS, never yields that picture (Neuroglancer cannot decode or may not read the chunks);
 - the offline client served by the same Apache under /v/<token>/, opened with the generated
