@@ -309,10 +309,11 @@ def test_apache_dies_with_a_killed_starter(data_root):
     import sys
 
     code = ("import sys, time; from apache.launcher import ApacheServer\n"
-            "s = ApacheServer(sys.argv[1]); s.start(); print(s.port, s.process.pid, flush=True); time.sleep(60)\n")
+            "s = ApacheServer(sys.argv[1]); s.start(); print(s.port, s.run_dir, flush=True); time.sleep(60)\n")
     starter = subprocess.Popen([sys.executable, "-c", code, str(data_root)], stdout=subprocess.PIPE, text=True,
                                cwd=Path(__file__).resolve().parent.parent)
-    port, pid = (int(v) for v in starter.stdout.readline().split())
+    port, run_dir = starter.stdout.readline().split()
+    port = int(port)
     assert request(port, "GET", f"/{ANIMAL}/neuroglancer_data/C1/info").status == 200
     starter.send_signal(signal.SIGKILL)
     starter.wait(timeout=10)
@@ -322,5 +323,8 @@ def test_apache_dies_with_a_killed_starter(data_root):
             if sock.connect_ex(("127.0.0.1", port)) != 0:
                 break
         time.sleep(0.1)
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)  # a killed starter cannot remove it
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0, "Apache outlived the process that started it"
