@@ -27,6 +27,8 @@ from pipeline.publish.omezarr import (
     main,
     parse_ranges,
     read_attributes,
+    xyz_triple,
+    zyx,
 )
 from pipeline.publish.validate_omezarr import OmeZarrValidationError, validate_store
 
@@ -175,16 +177,9 @@ def test_plan_slabs_tiles_the_volume_once_in_whole_units():
         pyramid.plan_slabs(shape, unit, 100)
 
 
-def test_window_from_histogram_ignores_background_zero():
-    counts = np.zeros(256, np.int64)
-    counts[0] = 10**6
-    counts[100:201] = 10
-    lo, hi = pyramid.window_from_histogram(counts, 0.5, 99.5)
-    assert 100 <= lo <= 101 and 199 <= hi <= 200
-
-
 def test_ranges_are_parsed_in_xyz_order_and_progress_sets_round_trip():
     assert parse_ranges("10:20,:30,5:") == ((5, None), (None, 30), (10, 20))
+    assert xyz_triple("64") == (64, 64, 64) and zyx(xyz_triple("128,96,8")) == (8, 96, 128)
     for indices in [set(), {0}, {0, 1, 2, 5, 7, 8}, set(range(1000)) - {500}]:
         assert decode_ranges(encode_ranges(indices)) == indices
 
@@ -291,7 +286,7 @@ def test_ranges_convert_a_sub_box_placed_by_a_translation(tmp_path):
     stack = synthetic_stack((8, 40, 50))
     write_stack(tmp_path / "tif", stack)
     store = tmp_path / "r.ome.zarr"
-    rc = main([str(tmp_path / "tif"), str(store), "--ranges", "10:42,5:37,2:7", "--chunk-size", "4,16,16",
+    rc = main([str(tmp_path / "tif"), str(store), "--ranges", "10:42,5:37,2:7", "--chunk-size", "16,16,4",
                "--nlevels", "2", "--resolution-xy", "10", "--resolution-z", "20"])
     assert rc == 0
     data = levels(store)
@@ -306,7 +301,7 @@ def test_first_new_level_adds_levels_from_the_last_existing_one(tmp_path):
     stack = synthetic_stack((8, 64, 64))
     write_stack(tmp_path / "tif", stack)
     store = tmp_path / "f.ome.zarr"
-    common = ["--chunk-size", "4,16,16", "--resolution-xy", "10", "--resolution-z", "20"]
+    common = ["--chunk-size", "16,16,4", "--resolution-xy", "10", "--resolution-z", "20"]
     assert main([str(tmp_path / "tif"), str(store), "--nlevels", "2", *common]) == 0
     kept = {p: p.stat().st_mtime_ns for p in chunk_files(store / "0") + chunk_files(store / "1")}
     level1 = levels(store)[1].copy()
@@ -330,7 +325,7 @@ def test_existing_store_is_refused_without_overwrite(tmp_path, capsys):
     stack = synthetic_stack((4, 32, 32))
     write_stack(tmp_path / "tif", stack)
     store = tmp_path / "o.ome.zarr"
-    args = [str(tmp_path / "tif"), str(store), "--chunk-size", "4,16,16", "--nlevels", "2"]
+    args = [str(tmp_path / "tif"), str(store), "--chunk-size", "16,16,4", "--nlevels", "2"]
     assert main(args) == 0
     mtimes = {p: p.stat().st_mtime_ns for p in chunk_files(store)}
     # The same conversion again: nothing to redo, nothing rewritten.
@@ -338,11 +333,11 @@ def test_existing_store_is_refused_without_overwrite(tmp_path, capsys):
     assert "complete" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     # Other options on the same store: refused with a clear message, store untouched.
-    assert main(args[:2] + ["--chunk-size", "4,8,8", "--nlevels", "2"]) == 1
+    assert main(args[:2] + ["--chunk-size", "8,8,4", "--nlevels", "2"]) == 1
     err = capsys.readouterr().err
     assert "already exists" in err and "--overwrite" in err
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-    assert main(args[:2] + ["--chunk-size", "4,8,8", "--nlevels", "2", "--overwrite"]) == 0
+    assert main(args[:2] + ["--chunk-size", "8,8,4", "--nlevels", "2", "--overwrite"]) == 0
     assert json.loads((store / "0" / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"] == [4, 8, 8]
     # A directory that is not a zarr store is never deleted, even with --overwrite.
     other = tmp_path / "notes.zarr"
@@ -395,7 +390,7 @@ def test_zarr_only_writes_one_plain_array(tmp_path):
     stack = synthetic_stack((5, 30, 40))
     write_stack(tmp_path / "tif", stack)
     store = tmp_path / "plain.zarr"
-    assert main([str(tmp_path / "tif"), str(store), "--zarr-only", "--chunk-size", "4,16,16"]) == 0
+    assert main([str(tmp_path / "tif"), str(store), "--zarr-only", "--chunk-size", "16,16,4"]) == 0
     array = zarr.open_array(store, mode="r")
     assert np.array_equal(array[...], stack)
     assert "ome" not in read_attributes(store) and "multiscales" not in read_attributes(store)
@@ -480,7 +475,7 @@ def test_max_gb_too_small_is_a_clear_error(tmp_path):
 def test_killed_conversion_resumes_to_the_same_result(tmp_path, ngff):
     stack = synthetic_stack((48, 400, 400), seed=4, zero_rows=64)
     write_stack(tmp_path / "tif", stack)
-    args = ["--chunk-size", "4,64,64", "--nlevels", "3", "--ngff-version", ngff, "--threads", "1",
+    args = ["--chunk-size", "64,64,4", "--nlevels", "3", "--ngff-version", ngff, "--threads", "1",
             "--resolution-xy", "10", "--resolution-z", "20"]
     store = tmp_path / "killed.ome.zarr"
     proc = _run_converter([str(tmp_path / "tif"), str(store), *args])
@@ -513,3 +508,170 @@ def test_killed_conversion_resumes_to_the_same_result(tmp_path, ngff):
         assert np.array_equal(a, b)
     assert [p.relative_to(store) for p in chunk_files(store)] == [p.relative_to(clean) for p in chunk_files(clean)]
     assert read_attributes(store)["slidepipe"]["done"] is True
+
+
+# ------------------------------------------------------------------------------------------
+# the omezarr stage through the real CLI (aligned stack placed by the test at the aligned paths)
+STAGE_ANIMAL = "OZ1"
+
+
+def seed_scan_run(db_url: str, sections: int, channels: int = 1, resolution_um: float = 0.325,
+                  z_um: float = 20.0) -> None:
+    import datetime as dt
+
+    from db.models import Animal, ScanRun, Slide, SlideCziToTif
+    from db.session import init_db, session_scope
+
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        s.add(Animal(prep_id=STAGE_ANIMAL))
+        run = ScanRun(FK_prep_id=STAGE_ANIMAL, resolution=resolution_um, zresolution=z_um,
+                      channels_per_scene=channels, file_type="CZI")
+        s.add(run)
+        s.flush()
+        slide = Slide(FK_scan_run_id=run.id, slide_physical_id=1, file_name="slide1.czi", scenes=sections)
+        s.add(slide)
+        s.flush()
+        for i in range(sections):
+            for c in range(1, channels + 1):
+                s.add(SlideCziToTif(FK_slide_id=slide.id, file_name=f"slide1_S{i + 1}_C{c}.tif", scene_number=i + 1,
+                                    scene_index=i, scene_order=i, channel=c, width=10, height=10, bbox_x=0,
+                                    bbox_y=0, dtype="uint16", created=dt.datetime.now()))
+    engine.dispose()
+
+
+def place_aligned_stack(layout, stack: np.ndarray, channel: int = 1, downsample: bool = True) -> list[Path]:
+    paths = []
+    for i, section in enumerate(stack):
+        path = layout.aligned(channel, downsample, i)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite(path, section, compression="zlib")
+        paths.append(path)
+    return paths
+
+
+def stage_cli(tmp_path, db_url, *extra) -> int:
+    from pipeline.create_pipeline import main as cli
+
+    return cli(["--animal", STAGE_ANIMAL, "--task", "omezarr", "--data-root", str(tmp_path / "data"),
+                "--db-url", db_url, "--workers", "2", *extra])
+
+
+def last_runs(db_url, count: int = 1):
+    from sqlalchemy import select
+
+    from db.models import PipelineRun
+    from db.session import init_db, session_scope
+
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        runs = list(s.scalars(select(PipelineRun).order_by(PipelineRun.id.desc()).limit(count)))
+        for run in runs:
+            s.expunge(run)
+    engine.dispose()
+    return runs
+
+
+@pytest.mark.slow
+def test_stage_publishes_validates_records_and_skips(tmp_path, db_url):
+    from sqlalchemy import select
+
+    from db.models import FileLog
+    from db.queries import how_was_made
+    from db.session import init_db, session_scope
+    from pipeline.layout import AnimalLayout
+
+    layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
+    seed_scan_run(db_url, 6)
+    stack = synthetic_stack((6, 90, 130), zero_rows=10)
+    paths = place_aligned_stack(layout, stack)
+    assert stage_cli(tmp_path, db_url, "--channel", "1", "--chunk-size", "32,32,2", "--nlevels", "3") == 0
+    store = layout.omezarr(1, downsample=True)
+    assert store.name == "C1T.ome.zarr"
+    data = levels(store)
+    assert np.array_equal(data[0], stack)
+    ms = multiscales(store)
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx([20.0, 10.4, 10.4])
+    for i, factor in enumerate(factors_between(ms)):
+        assert np.array_equal(data[i + 1], pyramid.downsample(data[i], factor, "mean"))
+    assert json.loads((store / "0" / "zarr.json").read_text())["chunk_grid"]["configuration"]["chunk_shape"] == [2, 32, 32]
+    assert validate_store(store, expect_levels=3).ngff_version == "0.5"
+    run = last_runs(db_url)[0]
+    assert (run.stage, run.status, run.tasks_run) == ("omezarr", "success", 1)
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        rows = s.scalars(select(FileLog).where(FileLog.FK_pipeline_run_id == run.id)).all()
+        assert [r.path for r in rows] == [layout.relative(store)], "one row for the store, not one per chunk"
+        row = rows[0]
+        assert sorted(i.path for i in row.inputs) == sorted(layout.relative(p) for p in paths)
+        manifest = json.loads(row.result)
+        assert [lv["shape"] for lv in manifest["levels"]] == [list(a.shape) for a in data]
+        assert sum(lv["files"] for lv in manifest["levels"]) == sum(len(chunk_files(store / str(i))) + 1
+                                                                      for i in range(3))
+        chunk = chunk_files(store / "1")[0]
+        answer = how_was_made(s, layout.relative(chunk))
+        assert answer["recorded_path"] == layout.relative(store) and answer["run"]["stage"] == "omezarr"
+    engine.dispose()
+    # Re-run: nothing to do.
+    mtime = (store / "zarr.json").stat().st_mtime_ns
+    assert stage_cli(tmp_path, db_url, "--channel", "1", "--chunk-size", "32,32,2", "--nlevels", "3") == 0
+    run = last_runs(db_url)[0]
+    assert (run.tasks_run, run.tasks_skipped) == (0, 1)
+    assert (store / "zarr.json").stat().st_mtime_ns == mtime
+    # A changed section: the store is rebuilt from the new stack.
+    stack[3] = stack[3][::-1]
+    tifffile.imwrite(paths[3], stack[3], compression="zlib")
+    assert stage_cli(tmp_path, db_url, "--channel", "1", "--chunk-size", "32,32,2", "--nlevels", "3") == 0
+    assert last_runs(db_url)[0].tasks_run == 1
+    assert np.array_equal(levels(store)[0], stack)
+
+
+@pytest.mark.slow
+def test_stage_full_resolution_ngff_04_with_histogram_window(tmp_path, sqlite_url):
+    from pipeline.imaging.contrast import window_from_histogram
+    from pipeline.layout import AnimalLayout
+
+    layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
+    seed_scan_run(sqlite_url, 4, channels=2)
+    stack = synthetic_stack((4, 70, 50), seed=5)
+    place_aligned_stack(layout, stack, channel=2, downsample=False)
+    counts = np.bincount(stack.ravel(), minlength=65536)
+    counts[:3000] = 0  # a histogram that differs from the data's own, to see which one is used
+    hist = layout.histogram_data(2, downsample=False)
+    hist.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(hist, counts=counts)
+    assert stage_cli(tmp_path, sqlite_url, "--channel", "2", "--downsample", "false", "--ngff-version", "0.4",
+                     "--nlevels", "2", "--algorithm", "gaussian") == 0
+    store = layout.omezarr(2, downsample=False)
+    assert store.name == "C2.ome.zarr" and (store / ".zgroup").is_file()
+    assert validate_store(store).ngff_version == "0.4"
+    attrs = read_attributes(store)
+    assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [20.0, 0.325, 0.325]
+    channel = attrs["omero"]["channels"][0]
+    assert channel["label"] == "C2"
+    expected = window_from_histogram(counts, np.arange(counts.size + 1))
+    assert (channel["window"]["start"], channel["window"]["end"]) == expected
+    data = levels(store)
+    assert np.array_equal(data[0], stack)
+    assert np.array_equal(data[1], pyramid.downsample(data[0], (1, 2, 2), "gaussian"))
+    # A new histogram only changes the window: the store's voxels are not rewritten.
+    mtimes = {p: p.stat().st_mtime_ns for p in chunk_files(store / "0")}
+    counts[:5000] = 0
+    np.savez_compressed(hist, counts=counts)
+    assert stage_cli(tmp_path, sqlite_url, "--channel", "2", "--downsample", "false", "--ngff-version", "0.4",
+                     "--nlevels", "2", "--algorithm", "gaussian") == 0
+    window = read_attributes(store)["omero"]["channels"][0]["window"]
+    assert (window["start"], window["end"]) == window_from_histogram(counts, np.arange(counts.size + 1))
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+
+
+@pytest.mark.slow
+def test_stage_reports_missing_aligned_sections(tmp_path, sqlite_url, capsys):
+    from pipeline.layout import AnimalLayout
+
+    layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
+    seed_scan_run(sqlite_url, 3)
+    place_aligned_stack(layout, synthetic_stack((2, 20, 20)))
+    assert stage_cli(tmp_path, sqlite_url, "--channel", "1") == 1
+    assert "aligned sections are missing" in capsys.readouterr().err
+    assert last_runs(sqlite_url)[0].status == "failed"

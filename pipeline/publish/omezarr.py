@@ -68,7 +68,7 @@ class OmeZarrOptions:
     """Everything a conversion can be asked for; the CLI flags map one to one."""
 
     ngff_version: str = "0.5"
-    chunk: tuple[int, int, int] = DEFAULT_CHUNK
+    chunk: tuple[int, int, int] | None = None  # (z, y, x); None: DEFAULT_CHUNK (or, adding levels, the store's)
     shard: tuple[int, int, int] | None = None
     nlevels: int | None = None  # None: until the top level fits one chunk in y and x
     max_gb: float | None = None  # None: a quarter of the available memory
@@ -90,12 +90,13 @@ class OmeZarrOptions:
             raise OmeZarrError(f"--ngff-version must be one of {sorted(NGFF_ZARR_FORMAT)}, got {self.ngff_version!r}")
         if self.algorithm not in pyramid.ALGORITHMS:
             raise OmeZarrError(f"--algorithm must be one of {pyramid.ALGORITHMS}, got {self.algorithm!r}")
-        if any(c < 1 for c in self.chunk):
-            raise OmeZarrError(f"--chunk-size must be positive, got {self.chunk}")
+        chunk = self.chunk or DEFAULT_CHUNK
+        if len(chunk) != 3 or any(c < 1 for c in chunk):
+            raise OmeZarrError(f"--chunk-size must be three positive sizes, got {chunk}")
         if self.shard is not None:
             if self.ngff_version != "0.5":
                 raise OmeZarrError("sharding needs Zarr v3: use --ngff-version 0.5")
-            if any(s < c or s % c for s, c in zip(self.shard, self.chunk)):
+            if any(s < c or s % c for s, c in zip(self.shard, chunk)):
                 raise OmeZarrError(f"--shard-size {self.shard} must be a multiple of --chunk-size {self.chunk}")
         if self.nlevels is not None and self.nlevels < 1:
             raise OmeZarrError(f"--nlevels must be >= 1, got {self.nlevels}")
@@ -673,7 +674,7 @@ def convert_stack(paths: Sequence[Path], store: Path, options: OmeZarrOptions,
     bounds = resolve_ranges(options.ranges, info.shape)
     shape = tuple(hi - lo for lo, hi in bounds)
     voxel = _voxel_size(options.voxel_um, info.voxel_um)
-    chunk = _unit(options.chunk, shape)
+    chunk = _unit(options.chunk or DEFAULT_CHUNK, shape)
     shard = tuple(min(s, -(-n // c) * c) for s, n, c in zip(options.shard, shape, chunk)) if options.shard else None
     nlevels = 1 if options.zarr_only else (options.nlevels or pyramid.auto_nlevels(shape, chunk))
     factors = pyramid.level_factors(shape, voxel, nlevels)
@@ -690,6 +691,8 @@ def convert_stack(paths: Sequence[Path], store: Path, options: OmeZarrOptions,
     store.parent.mkdir(parents=True, exist_ok=True)
     status = _prepare_store(store, signature, options.overwrite)
     if status == "complete":
+        if options.windows and not options.zarr_only:
+            _update_windows(store, options.ngff_version, options.windows)
         return ConversionResult(store, options.ngff_version, [img.full(s) for s in shapes], scales, [], 0, 0, 0,
                                 time.perf_counter() - started, None, "complete")
     store.mkdir(parents=True, exist_ok=True)
@@ -745,6 +748,53 @@ def convert_stack(paths: Sequence[Path], store: Path, options: OmeZarrOptions,
     return ConversionResult(store, options.ngff_version, [img.full(s) for s in shapes], scales, list(range(nlevels)),
                             counts["written"], counts["skipped"], int(np.prod(shape)) * img.channels * img.dtype.itemsize,
                             time.perf_counter() - started, windows, "resumed" if status == "resume" else "written")
+
+
+def _update_windows(store: Path, ngff_version: str, windows) -> None:
+    """New display windows on a finished store (they are metadata only: no voxel changes)."""
+    attrs = read_attributes(store)
+    omero = (attrs.get("ome", {}) if ngff_version == "0.5" else attrs).get("omero") or {}
+    channels = omero.get("channels", [])
+    if len(channels) != len(windows):
+        raise OmeZarrError(f"{len(windows)} windows given for {len(channels)} channels", store)
+    changed = False
+    for channel, (start, end) in zip(channels, windows):
+        if (channel["window"]["start"], channel["window"]["end"]) != (float(start), float(end)):
+            channel["window"].update(start=float(start), end=float(end))
+            changed = True
+    if changed:
+        write_attributes(store, attrs)
+
+
+def describe_store(store: Path) -> dict:
+    """What file_log records for a store instead of a row per chunk: per level its shape, chunk
+    shape, scale, file count, bytes and the digest the runner uses for directories (sha256 over
+    the sorted "name<TAB>size" lines of `pipeline.runner.path_stats`)."""
+    from pipeline.runner import path_stats
+
+    from pipeline.publish.validate_omezarr import validate_store
+
+    report = validate_store(store)
+    attrs = read_attributes(store)
+    ms = (attrs["ome"] if "ome" in attrs else attrs)["multiscales"][0]
+    levels = []
+    for i, dataset in enumerate(ms["datasets"]):
+        level_dir = Path(store) / dataset["path"]
+        meta_name = "zarr.json" if report.ngff_version == "0.5" else ".zarray"
+        meta = json.loads((level_dir / meta_name).read_text())
+        if report.ngff_version == "0.5":
+            grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
+            codec = meta["codecs"][0]
+            chunk = codec["configuration"]["chunk_shape"] if codec["name"] == "sharding_indexed" else grid
+        else:
+            grid = chunk = meta["chunks"]
+        files = sum(len(names) for _root, _dirs, names in os.walk(level_dir))
+        size, _mtime, digest = path_stats(level_dir)
+        levels.append({"level": i, "path": dataset["path"], "shape": list(report.shapes[i]),
+                       "scale": list(report.scales[i]), "chunk_shape": list(chunk), "file_shape": list(grid),
+                       "files": files, "bytes": size, "sha256": digest})
+    return {"ngff_version": report.ngff_version, "dtype": report.dtype, "levels": levels,
+            "files": sum(level["files"] for level in levels), "bytes": sum(level["bytes"] for level in levels)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -887,8 +937,16 @@ def _windows(given, arrays, shapes, img: _Image, budget: int) -> list[tuple[floa
         if len(given) != img.channels:
             raise OmeZarrError(f"{len(given)} windows given for {img.channels} channels")
         return [tuple(float(v) for v in w) for w in given]
+    from pipeline.imaging.contrast import window_from_histogram
+
     level = next((i for i, s in enumerate(shapes) if np.prod(s) <= HISTOGRAM_MAX_VOXELS), len(shapes) - 1)
-    return [pyramid.window_from_histogram(h) for h in level_histograms(arrays[level], shapes[level], img, budget)]
+    windows = []
+    for counts in level_histograms(arrays[level], shapes[level], img, budget):
+        try:
+            windows.append(window_from_histogram(counts, np.arange(counts.size + 1)))
+        except ValueError:  # nothing but zeros: an empty (masked-out) volume
+            windows.append((0.0, float(counts.size - 1)))
+    return windows
 
 
 def level_histograms(array, shape, img: _Image, budget: int) -> list[np.ndarray]:
@@ -940,8 +998,7 @@ def add_levels(store: Path, options: OmeZarrOptions,
     img = _Image(int(base.shape[0]) if len(axes) == 4 else None, np.dtype(base.dtype.numpy_dtype))
     spatial = tuple(int(n) for n in base.shape[-3:])
     base_scale = _dataset_scale(datasets[first - 1])[-3:]
-    chunk = tuple(options.chunk) if options.chunk != DEFAULT_CHUNK else \
-        tuple(int(c) for c in base.chunk_layout.read_chunk.shape[-3:])
+    chunk = tuple(options.chunk) if options.chunk else tuple(int(c) for c in base.chunk_layout.read_chunk.shape[-3:])
     shape0 = tuple(int(n) for n in _open_existing(store / datasets[0]["path"], fmt, context).shape[-3:])
     nlevels = options.nlevels or pyramid.auto_nlevels(shape0, chunk)
     if nlevels <= first:
@@ -1009,13 +1066,21 @@ def _dataset_translation(dataset: dict) -> list[float] | None:
 
 # ------------------------------------------------------------------------------------------
 # command line
-def _triple(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in str(text).split(",")]
+def xyz_triple(text: str) -> tuple[int, int, int]:
+    """'N' or 'X,Y,Z' -> (x, y, z): x first, like --ranges and the neuroglancer stage's flags."""
+    try:
+        parts = [int(p) for p in str(text).replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
     if len(parts) == 1:
-        return (parts[0],) * 3
-    if len(parts) != 3:
-        raise argparse.ArgumentTypeError(f"expected N or Z,Y,X, got {text!r}")
+        parts = parts * 3
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected N or X,Y,Z (positive integers), got {text!r}")
     return tuple(parts)
+
+
+def zyx(xyz: Sequence[int] | None) -> tuple[int, int, int] | None:
+    return None if xyz is None else tuple(int(v) for v in reversed(tuple(xyz)))
 
 
 def parse_ranges(text: str) -> tuple[tuple[int | None, int | None], ...]:
@@ -1044,9 +1109,9 @@ def add_format_arguments(group) -> None:
     """Flags shared by the standalone command and the omezarr stage."""
     group.add_argument("--ngff-version", "--ngff_version", choices=sorted(NGFF_ZARR_FORMAT), default="0.5",
                        help="0.5: Zarr v3 (default); 0.4: Zarr v2")
-    group.add_argument("--chunk-size", "--chunk_size", type=_triple, default=None, metavar="N|Z,Y,X",
+    group.add_argument("--chunk-size", "--chunk_size", type=xyz_triple, default=None, metavar="N|X,Y,Z",
                        help=f"chunk shape in voxels (default {DEFAULT_CHUNK[0]})")
-    group.add_argument("--shard-size", type=_triple, default=None, metavar="N|Z,Y,X",
+    group.add_argument("--shard-size", type=xyz_triple, default=None, metavar="N|X,Y,Z",
                        help="Zarr v3 shard shape in voxels, a multiple of the chunk (default: no sharding)")
     group.add_argument("--nlevels", type=int, default=None,
                        help="pyramid levels including level 0 (default: until the top fits one chunk)")
@@ -1083,7 +1148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> OmeZarrOptions:
     return OmeZarrOptions(
-        ngff_version=args.ngff_version, chunk=tuple(args.chunk_size or DEFAULT_CHUNK), shard=args.shard_size,
+        ngff_version=args.ngff_version, chunk=zyx(args.chunk_size), shard=zyx(args.shard_size),
         nlevels=args.nlevels, max_gb=args.max_gb, zarr_only=getattr(args, "zarr_only", False),
         overwrite=getattr(args, "overwrite", False), algorithm=args.algorithm, ranges=getattr(args, "ranges", None),
         first_new_level=getattr(args, "first_new_level", None),

@@ -174,24 +174,3 @@ def plan_slabs(shape: Sequence[int], unit: Sequence[int], max_voxels: int) -> li
             for x0 in range(0, x, sx):
                 slabs.append(((z0, min(z0 + uz, z)), (y0, min(y0 + sy, y)), (x0, min(x0 + sx, x))))
     return slabs
-
-
-def window_from_histogram(counts: np.ndarray, low_pct: float = 0.5, high_pct: float = 99.5,
-                          ignore_zero: bool = True) -> tuple[int, int]:
-    """Display window (start, end) at two percentiles of a histogram (bin i = value i).
-
-    Zero is ignored by default: the background outside masked tissue is zero and would otherwise
-    pull the low end to 0 and the whole window down with it.
-    """
-    counts = np.asarray(counts, dtype=np.float64).copy()
-    if ignore_zero and counts.size:
-        counts[0] = 0
-    total = counts.sum()
-    if total <= 0:
-        return 0, max(int(counts.size) - 1, 1)
-    cumulative = np.cumsum(counts) / total
-    lo = int(np.searchsorted(cumulative, low_pct / 100.0))
-    hi = int(np.searchsorted(cumulative, high_pct / 100.0))
-    if hi <= lo:
-        hi = lo + 1
-    return lo, hi

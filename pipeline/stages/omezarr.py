@@ -1,0 +1,124 @@
+"""omezarr: the aligned stack of one channel -> www/omezarr/C<c>[T].ome.zarr (multiscale OME-Zarr).
+
+One image per channel, like the precomputed layers C1, C2...: each channel's aligned stack is
+made (and re-made) by its own runs, so a store per channel is rewritten only when that channel
+changes; see docs/format-omezarr.md. Pixel sizes come from the scan run in the DB, the display
+window from the histogram stage's combined counts when present (else from the data). The store
+is one runner task: one file_log row with a per-level manifest as its result, the aligned
+sections as inputs. A killed run resumes inside the converter (completed slabs are kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import StageError
+from pipeline.layout import THUMBNAIL_FACTOR
+from pipeline.runner import StageContext, Task
+
+NAME = "omezarr"
+VERSION = 1
+PER_CHANNEL = True
+
+STACK_CHUNK = (16, 128, 128)
+"""Default chunk (z, y, x) for section stacks: thin in z, because sections are viewed plane by
+plane and a 64-deep chunk would fetch 64 sections to draw one (the standalone default, 64^3,
+suits isotropic volumes)."""
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    from pipeline.publish.omezarr import NGFF_ZARR_FORMAT, xyz_triple
+    from pipeline.publish.pyramid import ALGORITHMS
+
+    # --chunk-size is shared with the neuroglancer stage (same X,Y,Z order); whichever module
+    # declares it first parses it, both into an (x, y, z) tuple.
+    group.add_argument("--chunk-size", type=xyz_triple, default=None, metavar="X,Y,Z",
+                       help="neuroglancer/omezarr: chunk size of the published volume (omezarr default 128,128,16)")
+    group.add_argument("--ngff-version", choices=sorted(NGFF_ZARR_FORMAT), default=None,
+                       help="omezarr: 0.5 (Zarr v3, default) or 0.4 (Zarr v2)")
+    group.add_argument("--shard-size", type=xyz_triple, default=None, metavar="X,Y,Z",
+                       help="omezarr: Zarr v3 shard shape, a multiple of the chunk (default: no sharding)")
+    group.add_argument("--nlevels", type=int, default=None,
+                       help="omezarr: pyramid levels including full resolution (default: until the top fits a chunk)")
+    group.add_argument("--algorithm", choices=ALGORITHMS, default=None, help="omezarr: downsampling (default mean)")
+    group.add_argument("--max-gb", type=float, default=None,
+                       help="omezarr: peak memory of the conversion in GB (default: a quarter of free memory)")
+
+
+# ---------------------------------------------------------------------------------------
+def write_store(sections: list[str], store: str, options: dict[str, Any]) -> dict:
+    """Worker: convert (or resume) the store, validate it, describe it for file_log."""
+    from pipeline.publish.omezarr import OmeZarrOptions, convert_stack, describe_store
+
+    opts = OmeZarrOptions(**{k: tuple(v) if isinstance(v, list) and k != "windows" else v
+                             for k, v in options.items()})
+    result = convert_stack([Path(p) for p in sections], Path(store), opts)
+    manifest = describe_store(Path(store))
+    return {**manifest, "status": result.status, "slabs_written": result.slabs_written,
+            "slabs_skipped": result.slabs_skipped, "seconds": round(result.seconds, 3),
+            "windows": result.windows}
+
+
+def stored_window(ctx: StageContext) -> tuple[Path, tuple[float, float]] | None:
+    """(file, window) from the histogram stage's combined counts for this channel and resolution."""
+    import numpy as np
+
+    from pipeline.imaging.contrast import window_from_histogram
+
+    path = ctx.layout.histogram_data(ctx.channel, ctx.downsample)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as data:
+            counts = data["counts"]
+        return path, window_from_histogram(counts, np.arange(counts.size + 1))
+    except (OSError, KeyError, ValueError) as exc:
+        raise StageError(f"{path}: cannot read the combined histogram: {exc}") from exc
+
+
+def run(ctx: StageContext) -> None:
+    from db.queries import ordered_sections
+    from pipeline.publish.omezarr import zyx
+    from pipeline.stages.common import require_scan_run
+
+    with ctx.session() as session:
+        scan_run = require_scan_run(session, ctx.animal)
+        xy_um, z_um = scan_run.resolution, scan_run.zresolution
+        count = len(ordered_sections(session, ctx.animal, ctx.channel))
+    if not xy_um:
+        raise StageError(f"the scan run of {ctx.animal} has no pixel size: set it with --resolution UM")
+    if count == 0:
+        raise StageError(f"animal {ctx.animal} has no active sections in channel {ctx.channel}")
+    sections = [ctx.layout.aligned(ctx.channel, ctx.downsample, i) for i in range(count)]
+    missing = [p for p in sections if not p.is_file()]
+    if missing:
+        raise StageError(f"{len(missing)} of {count} aligned sections are missing (first: {missing[0]}); "
+                         f"run --task align --channel {ctx.channel} --downsample {str(ctx.downsample).lower()} first")
+    xy = xy_um * (THUMBNAIL_FACTOR if ctx.downsample else 1)
+    store = ctx.layout.omezarr(ctx.channel, ctx.downsample)
+    histogram = stored_window(ctx)
+    options: dict[str, Any] = {
+        "ngff_version": ctx.params.get("ngff_version") or "0.5",
+        "chunk": zyx(ctx.params.get("chunk_size")) or STACK_CHUNK,
+        "shard": zyx(ctx.params.get("shard_size")),
+        "nlevels": ctx.params.get("nlevels"),
+        "algorithm": ctx.params.get("algorithm") or "mean",
+        "voxel_um": [float(z_um), float(xy), float(xy)],
+        "windows": [list(histogram[1])] if histogram else None,
+        "channel_names": [f"C{ctx.channel}"],
+        "name": f"{ctx.animal} C{ctx.channel}{'T' if ctx.downsample else ''}",
+        "threads": ctx.settings.workers,
+    }
+    # Everything that changes the store's bytes (the memory cap and threads do not).
+    params = {k: v for k, v in options.items() if k != "threads"}
+    options.update(overwrite=True, max_gb=ctx.params.get("max_gb"))
+    inputs = sections + ([histogram[0]] if histogram else [])
+    task = Task(key=store.name, func=write_store, inputs=inputs, outputs=[store], params=params, label=str(store),
+                kwargs={"sections": [str(p) for p in sections], "store": str(store), "options": options})
+    results = ctx.execute([task], desc=f"{store.name}: {count} sections -> OME-Zarr {options['ngff_version']}")
+    if store.name in results:
+        r = results[store.name]
+        ctx.log.info("%s: NGFF %s, %d levels, %d files, %.1f MB", store, r.get("ngff_version"),
+                     len(r.get("levels", [])), r.get("files", 0), r.get("bytes", 0) / 1e6)
