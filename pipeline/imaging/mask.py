@@ -59,8 +59,8 @@ class MaskParams:
     """Elongated components touching the image border and thinner than this fraction of the
     image's short side are slide-edge / coverslip artefacts."""
     min_contrast: float = 5.0
-    """(mean tissue - mean background) / std background on the smoothed image: below it the
-    threshold split noise, and the section is reported as having no tissue."""
+    """(mean tissue - mean background) / std background of the normalised image, classes from the
+    smoothed threshold: below it the threshold split noise, and the section has no tissue."""
     polarity: str = "auto"
     """'bright' (fluorescence: tissue brighter than background), 'dark' (brightfield), or 'auto':
     dark when the median of the image border is brighter than the median of the image."""
@@ -118,8 +118,9 @@ def tissue_mask(thumbnail: np.ndarray, params: MaskParams | None = None) -> np.n
     binary = smooth > threshold
     if not binary.any() or binary.all():
         return np.zeros((height, width), bool)
-    background = smooth[~binary]
-    contrast = (smooth[binary].mean() - background.mean()) / max(float(background.std()), 1e-6)
+    # judged on the unsmoothed image: smoothing blurs the tissue edge into the background class
+    background = norm[~binary]
+    contrast = (norm[binary].mean() - background.mean()) / max(float(background.std()), 1e-6)
     if contrast < params.min_contrast:
         return np.zeros((height, width), bool)
     if params.close_radius > 0:

@@ -1,0 +1,325 @@
+"""mask / clean / histogram / align / create_metrics as stages, on the sample brain.
+
+The tiny sample (6 sections) runs the whole chain on SQLite and MariaDB and checks files, rows,
+reruns and bad input; the small sample (40 sections, slow) measures accuracy against the truth
+sample.py saved: mask Dice, and registration error in thumbnail pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage as ndi
+from sqlalchemy import select
+
+from db.models import AlignmentMetric, ElastixTransformation, FileLog, PipelineRun, ScanRun
+from db.queries import files_of_run, ordered_sections
+from db.session import init_db, session_scope
+from pipeline.create_pipeline import main
+from pipeline.imaging.mask import dice, mask_from_overlay
+from pipeline.imaging.orient import Orientation, orient, plan_clean, tissue_box
+from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
+from pipeline.layout import THUMBNAIL_FACTOR, AnimalLayout
+from pipeline.sample import SampleTruth, build_sample
+
+pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig")  # ITK's SWIG wrappers
+
+
+def cli(root: Path, db_url: str, task: str, *extra: str, animal: str = "DEMO") -> int:
+    return main(["--animal", animal, "--task", task, "--data-root", str(root), "--db-url", db_url, "--workers", "2", *extra])
+
+
+def last_run(db_url: str, stage: str | None = None) -> PipelineRun:
+    with session_scope(init_db(db_url)) as s:
+        query = select(PipelineRun).order_by(PipelineRun.id.desc())
+        if stage:
+            query = query.where(PipelineRun.stage == stage)
+        return s.scalars(query).first()
+
+
+def made_by_last_run(db_url: str, root: Path) -> set[str]:
+    """Paths (relative to the animal) written by the newest run."""
+    run = last_run(db_url)
+    with session_scope(init_db(db_url)) as s:
+        return {row.path.split("/", 1)[1] for row in files_of_run(s, run.id)}
+
+
+def copy_sample(sample: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(sample / "DEMO", root / "DEMO")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_sample(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    build_sample(root, animal="DEMO", seed=0, size="tiny")
+    return root
+
+
+def read(path: Path) -> np.ndarray:
+    return tifffile.imread(path)
+
+
+# --------------------------------------------------------------------------------------------
+def test_chain_on_the_tiny_sample(tiny_sample, tmp_path, db_url):
+    root = copy_sample(tiny_sample, tmp_path)
+    layout = AnimalLayout(root, "DEMO")
+    assert cli(root, db_url, "extract") == 0
+    count = SampleTruth.load(root, "DEMO").section_count
+    # quarter turn + horizontal mirror, set on the scan run by flags of any task
+    assert cli(root, db_url, "mask", "--scan-rotation", "1", "--flop", "true") == 0
+    assert cli(root, db_url, "clean") == 0
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        scan_run = s.scalars(select(ScanRun)).one()
+        sections = ordered_sections(s, "DEMO", 1)
+        stems = [(Path(r.slide.file_name).stem, r.scene_index) for r in sections]
+    canvas = read(layout.cleaned(1, True, 0)).shape
+    assert (scan_run.height, scan_run.width) == (canvas[0] * THUMBNAIL_FACTOR, canvas[1] * THUMBNAIL_FACTOR)
+    # the cleaned section is the masked tissue box turned 90 degrees ccw, mirrored left-right, centred
+    thumb = read(layout.extracted_thumbnail(*stems[2], 1))
+    mask = read(layout.mask(2)) > 0
+    y0, y1, x0, x1 = tissue_box(mask)
+    expected = np.fliplr(np.rot90(np.where(mask, thumb, 0)[y0:y1, x0:x1]))
+    cleaned = read(layout.cleaned(1, True, 2))
+    oy, ox = (canvas[0] - expected.shape[0]) // 2, (canvas[1] - expected.shape[1]) // 2
+    assert np.array_equal(cleaned[oy:oy + expected.shape[0], ox:ox + expected.shape[1]], expected)
+    assert cleaned.sum() == expected.sum()
+
+    assert cli(root, db_url, "histogram") == 0
+    combined = np.load(layout.histogram_data(1, True))["counts"]
+    parts = sum(np.load(layout.histogram_data(1, True, p))["counts"] for p in range(count))
+    assert np.array_equal(combined, parts) and combined.sum() == sum((read(layout.mask(p)) > 0).sum() for p in range(count))
+    assert layout.histogram_png(1, True).stat().st_size > 0
+
+    assert cli(root, db_url, "align") == 0
+    align_run = last_run(db_url, "align")
+    assert "EulerTransform" in json.loads(align_run.params)["registration_settings"]["rigid.txt"]
+    with session_scope(engine) as s:
+        rows = s.scalars(select(ElastixTransformation).order_by(ElastixTransformation.section)).all()
+        assert [r.section for r in rows] == [f"{p:03d}" for p in range(1, count)]
+        assert [r.FK_section_id for r in rows] == [r.id for r in sections[1:]]
+        assert [r.FK_fixed_section_id for r in rows] == [r.id for r in sections[:-1]]
+        assert all(not r.manual and r.metric is not None and r.iteration > 0 and r.FK_pipeline_run_id == align_run.id for r in rows)
+    aligned = [read(layout.aligned(1, True, p)) for p in range(count)]
+    assert all(a.shape == canvas and a.any() for a in aligned)
+
+    assert cli(root, db_url, "create_metrics") == 0
+    with session_scope(engine) as s:
+        metrics = s.scalars(select(AlignmentMetric).order_by(AlignmentMetric.section)).all()
+    assert [m.section for m in metrics] == [f"{p:03d}" for p in range(1, count)]
+    assert all(-1 <= m.ncc <= 1 and m.mutual_information > 0 and 0 < m.overlap_fraction <= 1 for m in metrics)
+    assert layout.metrics_png(1, True).stat().st_size > 0
+
+    # channel 2 reuses channel 1's masks and transforms: no registration runs again
+    assert cli(root, db_url, "clean", "--channel", "2") == 0
+    assert cli(root, db_url, "align", "--channel", "2") == 0
+    assert made_by_last_run(db_url, root) == {f"preps/CH2/thumbnail_aligned/{p:03d}.tif" for p in range(count)}
+    assert all(read(layout.aligned(2, True, p)).any() for p in range(count))
+
+    # a rerun does nothing
+    assert cli(root, db_url, "align") == 0
+    assert last_run(db_url).tasks_run == 0
+
+    # a manual transform beyond the reference (the middle section, 3) changes exactly that section
+    reference = count // 2
+    target = count - 1
+    assert target > reference
+    before = {p: layout.aligned(1, True, p).stat().st_mtime_ns for p in range(count)}
+    assert cli(root, db_url, "align", "--section", str(target), "--rotation", "2", "--xshift", "1.5", "--yshift", "-1") == 0
+    assert made_by_last_run(db_url, root) == {f"preps/transforms/composed/{p:03d}.json" for p in range(count)} | {
+        f"preps/CH1/thumbnail_aligned/{target:03d}.tif"}
+    assert {p for p in range(count) if layout.aligned(1, True, p).stat().st_mtime_ns != before[p]} == {target}
+    composed = {p: json.loads(layout.section_transform(p).read_text()) for p in (target - 1, target)}
+    assert composed[target]["pairwise_source"] == "manual"
+    manual = rigid_matrix(np.deg2rad(2), 1.5, -1, canvas_center(canvas))
+    assert np.allclose(np.array(composed[target]["matrix"]), manual @ np.array(composed[target - 1]["matrix"]))
+    with session_scope(engine) as s:
+        manual_rows = s.scalars(select(ElastixTransformation).where(ElastixTransformation.manual.is_(True))).all()
+    assert len(manual_rows) == 1 and manual_rows[0].section == f"{target:03d}" and manual_rows[0].active
+    assert manual_rows[0].rotation == pytest.approx(np.deg2rad(2))
+    assert cli(root, db_url, "align", "--section", str(target), "--clear-manual") == 0
+    assert json.loads(layout.section_transform(target).read_text())["pairwise_source"] != "manual"
+    assert made_by_last_run(db_url, root) & {f"preps/CH1/thumbnail_aligned/{p:03d}.tif" for p in range(count)} == {
+        f"preps/CH1/thumbnail_aligned/{target:03d}.tif"}
+
+
+def test_edited_overlay_reruns_exactly_the_affected_sections(tiny_sample, tmp_path, sqlite_url):
+    root = copy_sample(tiny_sample, tmp_path)
+    layout = AnimalLayout(root, "DEMO")
+    for task in ("extract", "mask", "clean", "align"):
+        assert cli(root, sqlite_url, task) == 0
+    count = SampleTruth.load(root, "DEMO").section_count
+    edited = 1
+    overlay_path = layout.mask(edited, True, "colored")
+    overlay = read(overlay_path)
+    auto = read(layout.mask(edited)) > 0
+    assert np.array_equal(mask_from_overlay(overlay), auto)
+    # the user erases the left third of the tissue (paints it grey) in a paint program
+    y0, y1, x0, x1 = tissue_box(auto)
+    cut = x0 + (x1 - x0) // 3
+    overlay[:, :cut] = 128
+    tifffile.imwrite(overlay_path, overlay, photometric="rgb")
+    aligned_before = {p: layout.aligned(1, True, p).stat().st_mtime_ns for p in range(count)}
+
+    assert cli(root, sqlite_url, "mask") == 0
+    assert made_by_last_run(sqlite_url, root) == {f"preps/masks/CH1/thumbnail_masked/{edited:03d}.tif"}
+    new_mask = read(layout.mask(edited)) > 0
+    assert np.array_equal(new_mask, auto & (np.arange(auto.shape[1]) >= cut)[None, :])
+    with session_scope(init_db(sqlite_url)) as s:
+        row = s.scalars(select(FileLog).where(FileLog.path.endswith(f"thumbnail_masked/{edited:03d}.tif"))
+                        .order_by(FileLog.id.desc())).first()
+        result = json.loads(row.result)
+        assert result["source"] == "edited overlay" and result["pixels_changed_by_edit"] == int((auto & ~new_mask).sum())
+        assert any(i.path.endswith(f"thumbnail_colored/{edited:03d}.tif") and i.kind == "external" for i in row.inputs)
+    assert cli(root, sqlite_url, "mask") == 0  # the edit is kept, nothing recomputed
+    assert last_run(sqlite_url).tasks_run == 0 and np.array_equal(read(layout.mask(edited)) > 0, new_mask)
+
+    assert cli(root, sqlite_url, "clean") == 0
+    assert made_by_last_run(sqlite_url, root) == {f"preps/CH1/thumbnail_cleaned/{edited:03d}.tif",
+                                                  f"www/section/CH1_thumbnail/{edited:03d}.png"}
+    assert cli(root, sqlite_url, "align") == 0
+    made = made_by_last_run(sqlite_url, root)
+    pairs = {p for p in range(count) if f"preps/transforms/pairwise/{p:03d}.json" in made}
+    assert pairs == {edited, edited + 1}  # the two registrations that involve the edited section
+    rewarped = {p for p in range(count) if layout.aligned(1, True, p).stat().st_mtime_ns != aligned_before[p]}
+    # sections between the edit and the reference (3) keep their transforms; those beyond it follow it
+    reference = count // 2
+    assert edited in rewarped and rewarped <= set(range(0, edited + 1))
+    assert all(p not in rewarped for p in range(edited + 1, count)), (rewarped, reference)
+
+
+def test_bad_sections_fail_alone_and_are_never_black(tiny_sample, tmp_path, sqlite_url):
+    root = copy_sample(tiny_sample, tmp_path)
+    layout = AnimalLayout(root, "DEMO")
+    assert cli(root, sqlite_url, "extract") == 0
+    count = SampleTruth.load(root, "DEMO").section_count
+    with session_scope(init_db(sqlite_url)) as s:
+        rows = ordered_sections(s, "DEMO", 1)
+        thumbs = [layout.extracted_thumbnail(Path(r.slide.file_name).stem, r.scene_index, 1) for r in rows]
+    # section 2: a scene with no tissue (background and noise only)
+    empty = read(thumbs[2])
+    background = np.random.default_rng(0).normal(np.median(empty), 3, empty.shape)
+    tifffile.imwrite(thumbs[2], background.astype(empty.dtype))
+    # section 4: a section of another size (the scene was cropped larger)
+    bigger = np.pad(read(thumbs[4]), 9, mode="edge")
+    tifffile.imwrite(thumbs[4], bigger)
+
+    assert cli(root, sqlite_url, "mask") == 1
+    run = last_run(sqlite_url)
+    assert run.status == "failed" and run.tasks_failed == 1
+    assert f"{thumbs[2]}: no tissue found" in run.error
+    assert not layout.mask(2).exists() and layout.mask(2, True, "colored").exists()  # overlay left for painting
+    assert all(layout.mask(p).exists() for p in range(count) if p != 2)
+
+    assert cli(root, sqlite_url, "clean") == 1
+    assert "section 002 has no mask" in last_run(sqlite_url).error
+    cleaned = {p: read(layout.cleaned(1, True, p)) for p in range(count) if p != 2}
+    assert not layout.cleaned(1, True, 2).exists()
+    assert len({c.shape for c in cleaned.values()}) == 1  # one canvas for the larger section too
+    mask4 = read(layout.mask(4)) > 0
+    assert cleaned[4].sum() == np.where(mask4, bigger, 0).sum()  # nothing of it cropped away
+
+    assert cli(root, sqlite_url, "align") == 1
+    error = last_run(sqlite_url).error
+    assert "section 002 has no cleaned channel-1 thumbnail" in error
+    assert json.loads(layout.pairwise_transform(3).read_text())["fixed"] == 1  # bridged over the gap
+    assert not layout.aligned(1, True, 2).exists()
+    assert all(read(layout.aligned(1, True, p)).any() for p in range(count) if p != 2)
+
+    # a canvas fixed too small by the user: the sections that do not fit fail, none is cropped
+    with session_scope(init_db(sqlite_url)) as s:
+        scan_run = s.scalars(select(ScanRun)).one()
+        scan_run.width = scan_run.width // 2
+    assert cli(root, sqlite_url, "clean") == 1
+    assert "larger than the canvas" in last_run(sqlite_url).error
+
+
+# --------------------------------------------------------------------------------------------
+# accuracy on the small sample (40 sections) against the saved truth
+@pytest.fixture(scope="module")
+def small_processed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    db_url = f"sqlite:///{root / 'slidepipe.db'}"
+    build_sample(root, animal="DEMO", seed=0, size="small")
+    for task in ("extract", "mask", "clean", "align"):
+        assert cli(root, db_url, task) == 0, task
+    return root, db_url
+
+
+def truth_canvas_matrices(root: Path) -> list[np.ndarray]:
+    """Per section: phantom frame (full-res px) -> cleaned thumbnail canvas (thumbnail px)."""
+    truth = SampleTruth.load(root, "DEMO")
+    layout = AnimalLayout(root, "DEMO")
+    f = THUMBNAIL_FACTOR
+    full_to_thumb = np.array([[1 / f, 0, -(f - 1) / (2 * f)], [0, 1 / f, -(f - 1) / (2 * f)], [0, 0, 1]])
+    canvas = read(layout.cleaned(1, True, 0)).shape
+    matrices = []
+    for s in truth.sections:
+        geometry = plan_clean(read(layout.mask(s.position)) > 0, Orientation(), canvas)
+        matrices.append(geometry.source_to_canvas() @ full_to_thumb @ np.vstack([np.array(s.phantom_to_scene), [0, 0, 1]]))
+    return matrices
+
+
+@pytest.mark.slow
+def test_masks_match_the_true_footprints(small_processed):
+    root, _ = small_processed
+    truth = SampleTruth.load(root, "DEMO")
+    layout = AnimalLayout(root, "DEMO")
+    scores, debris_hits, debris_total = [], 0, 0
+    for s in truth.sections:
+        mask = read(layout.mask(s.position)) > 0
+        footprint = truth.footprint(s.position, thumbnail=True)
+        scores.append(dice(mask, footprint))
+        near_tissue = ndi.binary_dilation(footprint, iterations=2)
+        for speck in s.debris:
+            x = int(round((speck["x"] - 15.5) / THUMBNAIL_FACTOR))
+            y = int(round((speck["y"] - 15.5) / THUMBNAIL_FACTOR))
+            if 0 <= y < mask.shape[0] and 0 <= x < mask.shape[1] and not near_tissue[y, x]:
+                debris_total += 1
+                debris_hits += int(mask[y, x])
+    print(f"mask Dice vs true footprint: min {min(scores):.4f}, mean {np.mean(scores):.4f}; "
+          f"debris specks inside a mask: {debris_hits} of {debris_total}")
+    assert min(scores) >= 0.95
+    assert debris_total > 20 and debris_hits == 0
+
+
+@pytest.mark.slow
+def test_registration_recovers_the_true_relative_transforms(small_processed):
+    root, _ = small_processed
+    layout = AnimalLayout(root, "DEMO")
+    truth = truth_canvas_matrices(root)
+    canvas = read(layout.cleaned(1, True, 0)).shape
+    center = canvas_center(canvas)
+    errors, rotation_errors = [], []
+    for i in range(1, len(truth)):
+        true = truth[i] @ np.linalg.inv(truth[i - 1])
+        found = json.loads(layout.pairwise_transform(i).read_text())
+        matrix = rigid_matrix(found["rotation"], found["xshift"], found["yshift"], center)
+        yy, xx = np.nonzero(read(layout.cleaned(1, True, i - 1)))
+        points = np.stack([xx, yy, np.ones_like(xx)]).astype(float)
+        errors.append(np.sqrt(((matrix @ points - true @ points)[:2] ** 2).sum(axis=0).mean()))
+        rotation_errors.append(np.rad2deg(found["rotation"] - rigid_parameters(true, center)[0]))
+    errors = np.array(errors)
+    rms = float(np.sqrt((errors**2).mean()))
+    print(f"pairwise registration vs truth over {errors.size} pairs ({found['backend']}): translation RMS "
+          f"{rms:.3f} thumbnail px (worst pair {errors.max():.3f}), rotation error RMS "
+          f"{np.sqrt(np.mean(np.square(rotation_errors))):.3f} deg (worst {np.max(np.abs(rotation_errors)):.3f})")
+    assert rms <= 0.5
+    # composed onto the middle section: how far each aligned section is from where it belongs
+    reference = len(truth) // 2
+    drift = []
+    for i in range(len(truth)):
+        composed = np.array(json.loads(layout.section_transform(i).read_text())["matrix"])
+        true = truth[i] @ np.linalg.inv(truth[reference])
+        yy, xx = np.nonzero(read(layout.aligned(1, True, i)))
+        points = np.stack([xx, yy, np.ones_like(xx)]).astype(float)
+        drift.append(np.sqrt(((composed @ points - true @ points)[:2] ** 2).sum(axis=0).mean()))
+    print(f"composed to section {reference:03d}: error RMS {np.sqrt(np.mean(np.square(drift))):.3f} px, "
+          f"worst {max(drift):.3f} px (errors accumulate along the chain)")
