@@ -214,6 +214,17 @@ class StageContext:
             results.update(self._run(todo, desc or self.stage))
         return results
 
+    def is_current(self, task: Task) -> bool:
+        """Would `execute` skip this task? Lets a stage avoid rebuilding a temporary input
+        (e.g. a deleted rechunk layer) for a task that is already done."""
+        with self.session() as session:
+            try:
+                input_rows = [self._input_row(session, Path(p)) for p in task.inputs]
+            except SlidepipeError:
+                return False
+            fp = fingerprint(self.stage, self.version, task.key, task.params, [r.checksum for r in input_rows])
+            return self._done_result(session, task, fp) is not None
+
     def _run(self, todo: list[tuple[Task, str, list[int]]], desc: str) -> dict[str, dict]:
         results: dict[str, dict] = {}
         bar = tqdm(total=len(todo), desc=desc, unit="task", disable=None, file=sys.stderr)

@@ -18,7 +18,7 @@ from typing import Any
 from pipeline.atomic import atomic_path
 from pipeline.errors import StageError
 from pipeline.layout import THUMBNAIL_FACTOR
-from pipeline.runner import StageContext, Task, fingerprint
+from pipeline.runner import StageContext, Task
 
 NAME = "neuroglancer"
 VERSION = 1
@@ -138,7 +138,7 @@ def run(ctx: StageContext) -> None:
             "params": {"animal": ctx.animal, "channel": ctx.channel, "downsample": ctx.downsample, **params},
         },
     )
-    if not _is_current(ctx, layer_task):
+    if not ctx.is_current(layer_task):
         create_rechunkme_layer(temp, stack, voxel, chunk, max_mips, rechunk)
         markers = temp / MARKER_DIR
         tasks = [
@@ -164,31 +164,3 @@ def run(ctx: StageContext) -> None:
         mips = results[name].get("mips", [])
         ctx.log.info("%s: %d levels, %d chunk files, %.1f MB", final, len(mips),
                      sum(m["chunks"] for m in mips), sum(m["bytes"] for m in mips) / 1e6)
-
-
-def _is_current(ctx: StageContext, task: Task) -> bool:
-    """Would the runner skip `task`? Then step 1 must not run: its layer was deleted on purpose.
-
-    Same rule as the runner's skip (its fingerprint over the recorded input checksums, output
-    recorded with it and present), but read-only: an input not recorded as it is now on disk
-    simply means "not current", and the runner re-checks everything when the task is executed.
-    """
-    from db.queries import current_file
-
-    checksums = []
-    with ctx.session() as session:
-        for path in task.inputs:
-            row = current_file(session, ctx.layout.relative(Path(path)))
-            try:
-                st = Path(path).stat()
-            except FileNotFoundError:
-                return False
-            if row is None or row.size != st.st_size or row.mtime_ns != st.st_mtime_ns:
-                return False
-            checksums.append(row.checksum)
-        fp = fingerprint(ctx.stage, ctx.version, task.key, task.params, checksums)
-        for out in task.outputs:
-            row = current_file(session, ctx.layout.relative(Path(out)))
-            if row is None or row.fingerprint != fp or not Path(out).exists():
-                return False
-    return True
