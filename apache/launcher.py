@@ -37,6 +37,23 @@ INSTALL_HINT = "install Apache httpd: `apt-get install apache2` (Debian/Ubuntu) 
 OFFLINE_TOKEN = "slidepipe"
 """The `<token>` of the offline client URL /v/<token>/ (any path segment works; this is ours)."""
 
+OFFLINE_SCRIPT = "slidepipe-offline.js"
+OFFLINE_SCRIPT_TAG = f'<script src="{OFFLINE_SCRIPT}"></script>'
+"""Put first in the client's <head> (see web/static/slidepipe-offline.js for why)."""
+
+CORS_HEADERS = [
+    ("Access-Control-Allow-Origin", "*"),
+    ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
+    ("Access-Control-Allow-Headers", "Range, If-None-Match, If-Modified-Since, Cache-Control, Content-Type"),
+    ("Access-Control-Expose-Headers",
+     "Content-Encoding, Content-Length, Content-Range, Content-Type, Accept-Ranges, ETag, Last-Modified"),
+    ("Access-Control-Max-Age", "86400"),
+    ("Access-Control-Allow-Private-Network", "true"),
+]
+"""Sent on every response by both servers (Apache: `Header always set`)."""
+
+SERVER_KINDS = ("auto", "apache", "fallback")
+
 # Module (file stem, module struct name) every slidepipe config needs; those compiled into the
 # binary (Debian: log_config, unixd) must not be loaded again.
 REQUIRED_MODULES = [
@@ -66,7 +83,11 @@ MODULE_DIR_CANDIDATES = [
 _UNSAFE_PATH = re.compile(r'["$%\\\n\r{}<>]')
 
 
-class ApacheError(SlidepipeError):
+class ServeError(SlidepipeError):
+    """A server (Apache or the fallback) cannot start, or its state on the data root is unusable."""
+
+
+class ApacheError(ServeError):
     """Apache is missing, cannot start, or cannot read the data."""
 
 
@@ -149,6 +170,8 @@ def render_site_config(data_root: str | Path, client_dir: str | Path | None = No
         "DATA_ROOT_RE": re.escape(str(data)),
         "CLIENT_DIR": str(client),
         "WEB_STATIC": str(static),
+        "CORS_HEADERS": "\n".join(f'    Header always set {name} "{value}"' for name, value in CORS_HEADERS),
+        "OFFLINE_SCRIPT_TAG": OFFLINE_SCRIPT_TAG.replace('"', '\\"'),
     })
 
 
@@ -166,14 +189,7 @@ def render_config(data_root: str | Path, port: int, run_dir: str | Path, *, host
     run = Path(run_dir).resolve()
     if _UNSAFE_PATH.search(str(run)):
         raise ApacheError("run directory path contains a character Apache configs cannot quote", run)
-    loads = []
-    for stem, struct in REQUIRED_MODULES:
-        if f"mod_{stem}" in apache.compiled_in or stem in apache.compiled_in:
-            continue
-        so = apache.module_dir / f"mod_{stem}.so"
-        if not so.is_file():
-            raise ApacheError(f"Apache module mod_{stem} is missing ({so}): {INSTALL_HINT}")
-        loads.append(f'LoadModule {struct} "{so}"')
+    loads = module_loads(apache)
     types = 'TypesConfig "/etc/mime.types"' if Path("/etc/mime.types").is_file() else "TypesConfig /dev/null"
     return _fill(_template("httpd.conf.template"), {
         "RUN_DIR": str(run),
@@ -185,6 +201,32 @@ def render_config(data_root: str | Path, port: int, run_dir: str | Path, *, host
         "TYPES_CONFIG": types,
         "SITE": render_site_config(data_root, client_dir),
     })
+
+
+def module_loads(apache: Apache) -> list[str]:
+    """LoadModule lines for the required modules not compiled in; a missing one is an error."""
+    loads = []
+    for stem, struct in REQUIRED_MODULES:
+        if f"mod_{stem}" in apache.compiled_in or stem in apache.compiled_in:
+            continue
+        so = apache.module_dir / f"mod_{stem}.so"
+        if not so.is_file():
+            raise ApacheError(f"Apache module mod_{stem} is missing ({so}): {INSTALL_HINT}")
+        loads.append(f'LoadModule {struct} "{so}"')
+    return loads
+
+
+def check_apache(data_root: str | Path, client_dir: str | Path | None = None) -> Apache:
+    """The installed Apache if it can serve `data_root`: binary, modules, and workers that may
+    read the data, the client and web/static. Raises ApacheError saying what to do otherwise."""
+    apache = find_apache()
+    module_loads(apache)
+    for path in (Path(data_root), Path(client_dir) if client_dir else neuroglancer_client_dir(), web_static_dir()):
+        blocked = unreadable_for_workers(path)
+        if blocked is not None:
+            raise ApacheError(f"Apache's workers (user {_run_user().pw_name}) cannot enter this directory, so they "
+                              f"cannot read {path}; give it o+x (chmod o+x) or run as an ordinary user", blocked)
+    return apache
 
 
 def _run_user() -> pwd.struct_passwd | None:
@@ -233,6 +275,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def port_in_use_message(host: str, port: int, server_name: str) -> str:
+    return (f"port {port} on {host} is in use by another program: {server_name} did not start "
+            f"(choose another with --port)")
+
+
 def port_is_free(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -258,12 +305,37 @@ def _apache_env() -> dict[str, str]:
     return env
 
 
-class ApacheServer:
+class LocalServer:
+    """What ApacheServer and the fallback server (apache.fallback) share: `with` starts and
+    stops it; `url` once it runs."""
+
+    name = "the server"
+    host: str
+    port: int | None
+
+    @property
+    def url(self) -> str:
+        if self.port is None:
+            raise ServeError(f"{self.name} is not running")
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ApacheServer(LocalServer):
     """A private Apache serving `data_root` on 127.0.0.1:`port` (0: a free port) while in `with`.
 
     `gzip_header=False` / `cors=False` exist only for negative-control tests: without them
     Neuroglancer cannot draw the data.
     """
+
+    kind = "apache"
+    name = "Apache"
 
     def __init__(self, data_root: str | Path, port: int = 0, client_dir: str | Path | None = None, *,
                  host: str = "127.0.0.1", gzip_header: bool = True, cors: bool = True,
@@ -281,36 +353,16 @@ class ApacheServer:
         self.process: subprocess.Popen | None = None
 
     @property
-    def url(self) -> str:
-        if self.port is None:
-            raise ApacheError("Apache is not running")
-        return f"http://{self.host}:{self.port}"
-
-    @property
     def error_log(self) -> str:
         if self.run_dir is None:
             return ""
         path = self.run_dir / "error.log"
         return path.read_text(errors="replace") if path.is_file() else ""
 
-    def __enter__(self) -> "ApacheServer":
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
     def start(self) -> None:
-        apache = find_apache()
-        for path in (self.data_root, Path(self.client_dir) if self.client_dir else neuroglancer_client_dir(), web_static_dir()):
-            blocked = unreadable_for_workers(path)
-            if blocked is not None:
-                user = _run_user()
-                raise ApacheError(f"Apache's workers (user {user.pw_name}) cannot enter this directory, so they "
-                                  f"cannot read {path}; give it o+x (chmod o+x) or run as an ordinary user", blocked)
+        apache = check_apache(self.data_root, self.client_dir)
         if self.requested_port and not port_is_free(self.host, self.requested_port):
-            raise ApacheError(f"port {self.requested_port} on {self.host} is in use: Apache did not start "
-                              f"(choose another with --port)")
+            raise ApacheError(port_in_use_message(self.host, self.requested_port, self.name))
         attempts = 1 if self.requested_port else 3
         for attempt in range(attempts):
             port = self.requested_port or free_port(self.host)
@@ -386,44 +438,119 @@ class ApacheServer:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def stop(self) -> None:
         self._stop_process()
         self._remove_run_dir()
         self.port = None
 
 
+def choose_server(requested: str, data_root: str | Path) -> tuple[str, str | None]:
+    """("apache" | "fallback", why Apache is not used or None). `auto` takes Apache when it can
+    serve this data root; `apache` raises ApacheError (with what to install or fix) when not."""
+    if requested not in SERVER_KINDS:
+        raise ServeError(f"unknown server {requested!r}: choose one of {', '.join(SERVER_KINDS)}")
+    if requested == "fallback":
+        return "fallback", None
+    try:
+        check_apache(data_root)
+    except ApacheError as exc:
+        if requested == "apache":
+            raise
+        return "fallback", str(exc)
+    return "apache", None
+
+
+def create_server(kind: str, data_root: str | Path, port: int = 0, **options):
+    """An ApacheServer or a FallbackServer (apache.fallback): same interface, not started."""
+    if kind == "apache":
+        return ApacheServer(data_root, port, **options)
+    if kind == "fallback":
+        from apache.fallback import FallbackServer
+
+        return FallbackServer(data_root, port, **options)
+    raise ServeError(f"unknown server {kind!r}: choose apache or fallback")
+
+
+def server_name(kind: str) -> str:
+    return "Apache" if kind == "apache" else "the built-in fallback server"
+
+
+def fallback_notice(reason: str | None) -> str:
+    """What the user reads when the fallback serves: that it is one, and how to get Apache."""
+    lines = [f"slidepipe: Apache cannot serve here: {reason}"] if reason else []
+    lines.append("slidepipe: using the built-in FALLBACK server (Python standard library): the same URLs and "
+                 "headers as the Apache config, for viewing on this machine.")
+    restart = "then restart: `create_pipeline serve --stop` and serve again (or choose it with --server apache)."
+    if reason and INSTALL_HINT not in reason:  # installed, but e.g. its workers cannot read the data
+        lines.append(f"slidepipe: to serve with Apache, fix the above; {restart}")
+    else:
+        lines.append(f"slidepipe: for the real server {INSTALL_HINT}; {restart}")
+    return "\n".join(lines)
+
+
+def announce(kind: str, data_root: Path, url: str, how: str, reason: str | None = None) -> None:
+    if kind == "fallback":
+        print(fallback_notice(reason))
+    print(f"slidepipe: {server_name(kind)} serving {data_root} at {url}/<animal>/ ({how})")
+    print(f"offline Neuroglancer client: {url}/v/{OFFLINE_TOKEN}/", flush=True)
+
+
+def print_links(data_root: Path, url: str, animal: str | None = None, public_client: str | None = None) -> None:
+    """Build, store (www/neuroglancer/links.json) and print both links of `animal`, or of every
+    animal with published volumes; an animal without a link does not stop the others."""
+    from web.state import PUBLIC_NEUROGLANCER, animals_with_published_data, write_links
+
+    animals = [animal] if animal else animals_with_published_data(data_root)
+    for name in animals:
+        print(f"\n{name}:")
+        try:
+            links = write_links(data_root, name, url, public_client=public_client or PUBLIC_NEUROGLANCER)
+        except SlidepipeError as exc:
+            print(f"  no link: {exc}", flush=True)
+            continue
+        print(f"  offline: {links['offline']}")
+        print(f"  public:  {links['public']}", flush=True)
+    if not animals:
+        print("no animal has published volumes yet (www/neuroglancer_data/ or www/omezarr/)", flush=True)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = None, *, host: str = "127.0.0.1",
-                  db_url: str | None = None, public_client: str | None = None) -> int:
-    """`create_pipeline serve`: run Apache in the foreground, print the links, stop on Ctrl-C.
+                  db_url: str | None = None, public_client: str | None = None, server: str = "auto") -> int:
+    """`create_pipeline serve`: run the server in the foreground, print the links, stop on Ctrl-C
+    or SIGTERM (so `create_pipeline serve --stop` stops it too).
 
     `db_url` is accepted for symmetry with the other commands; the links are built from the
     published `info` files, which already carry the database's voxel sizes.
     """
-    from web.state import PUBLIC_NEUROGLANCER, animals_with_published_data, write_links
+    from apache import background
 
     data_root = Path(data_root)
     if not data_root.is_dir():
-        raise ApacheError("data root does not exist (run the pipeline first)", data_root.absolute())
-    with ApacheServer(data_root, port, host=host) as server:
-        try:
-            print(f"slidepipe: Apache serving {server.data_root} at {server.url}/<animal>/ (Ctrl-C stops)")
-            print(f"offline Neuroglancer client: {server.url}/v/{OFFLINE_TOKEN}/", flush=True)
-            animals = [animal] if animal else animals_with_published_data(data_root)
-            for name in animals:
-                print(f"\n{name}:")
-                try:
-                    links = write_links(data_root, name, server.url, public_client=public_client or PUBLIC_NEUROGLANCER)
-                except SlidepipeError as exc:  # still serve the others and whatever this one has
-                    print(f"  no link: {exc}", flush=True)
-                    continue
-                print(f"  offline: {links['offline']}")
-                print(f"  public:  {links['public']}", flush=True)
-            if not animals:
-                print("no animal has published volumes yet (www/neuroglancer_data/ or www/omezarr/)", flush=True)
-            while server.process is not None and server.process.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            print("\nstopping Apache", flush=True)
-            return 0
-        log = server.error_log.strip()[-2000:]
-        raise ApacheError(f"Apache exited unexpectedly: {log}")
+        raise ServeError("data root does not exist (run the pipeline first)", data_root.absolute())
+    kind, reason = choose_server(server, data_root)
+    instance = create_server(kind, data_root, port, host=host)
+    with background.registration_lock(instance.data_root):
+        background.refuse_if_running(instance.data_root)
+        instance.start()
+        background.register(instance, mode="foreground")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        announce(kind, instance.data_root, instance.url, "Ctrl-C stops", reason)
+        print_links(instance.data_root, instance.url, animal, public_client)
+        while instance.alive():
+            time.sleep(0.5)
+        raise ServeError(f"{instance.name} exited unexpectedly: {instance.error_log.strip()[-2000:]}")
+    except KeyboardInterrupt:
+        print(f"\nstopping {instance.name}", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        instance.stop()
+        background.unregister(instance.data_root, os.getpid())

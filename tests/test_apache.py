@@ -1,4 +1,8 @@
-"""The Apache configuration, against a real httpd started by the test (apache.launcher)."""
+"""The HTTP rules Neuroglancer depends on, checked against a real httpd started by the test with
+slidepipe's Apache configuration (apache.launcher) and, with the same checks, against the built-in
+fallback server (apache.fallback): the `server` fixture runs every check on both. The tests of
+Apache alone (config, process, system-wide vhost) are marked `apache`.
+"""
 
 from __future__ import annotations
 
@@ -14,20 +18,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apache.launcher import ApacheServer, render_config, render_virtual_host
+from apache.launcher import ApacheServer, create_server, render_config, render_virtual_host
 from tests.helpers_browser import asymmetric_section, require_apache, servable_dir, write_gzip_layer
-
-pytestmark = [pytest.mark.apache]
 
 ANIMAL = "DK1"
 SECRET = "not-for-the-web"
+SERVERS = [pytest.param("apache", marks=pytest.mark.apache), "fallback"]
 
 
 @pytest.fixture(scope="module")
 def data_root() -> Path:
-    require_apache()
     with servable_dir() as served:
         yield from _populate(served / "data")
+
+
+@pytest.fixture
+def apache_root(data_root) -> Path:
+    """The data root, for tests of Apache alone (skipped without apache2 unless CI=true)."""
+    require_apache()
+    return data_root
+
+
+def start_server(kind: str, data_root: Path, port: int = 0, **options):
+    """An ApacheServer or FallbackServer (not yet started); Apache needs apache2."""
+    if kind == "apache":
+        require_apache()
+    return create_server(kind, data_root, port, **options)
 
 
 def _populate(root: Path):
@@ -48,13 +64,13 @@ def _populate(root: Path):
     yield root
 
 
-@pytest.fixture(scope="module")
-def server(data_root):
-    with ApacheServer(data_root) as running:
+@pytest.fixture(scope="module", params=SERVERS)
+def server(request, data_root):
+    with start_server(request.param, data_root) as running:
         yield running
 
 
-def request(server: ApacheServer | int, method: str, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
+def request(server, method: str, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
     """Raw HTTP (no client-side decompression, no path normalisation) to a server or a port."""
     port = server if isinstance(server, int) else server.port
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -192,20 +208,22 @@ def test_offline_client_served_with_offline_script(server):
     assert redirect.status == 301 and redirect.getheader("Location").endswith("/v/slidepipe/")
 
 
-def test_negative_control_switches(data_root):
+@pytest.mark.parametrize("kind", SERVERS)
+def test_negative_control_switches(data_root, kind):
     path = chunk_path(0, 64, 0, 64, 0, 1)
-    with ApacheServer(data_root, gzip_header=False) as plain:
+    with start_server(kind, data_root, gzip_header=False) as plain:
         response = request(plain, "GET", path)
         assert response.status == 200 and response.getheader("Content-Encoding") is None
         assert response.getheader("Access-Control-Allow-Origin") == "*"
-    with ApacheServer(data_root, cors=False) as no_cors:
+    with start_server(kind, data_root, cors=False) as no_cors:
         response = request(no_cors, "GET", path, {"Origin": "http://elsewhere.test"})
         assert response.status == 200 and response.getheader("Content-Encoding") == "gzip"
         assert response.getheader("Access-Control-Allow-Origin") is None
 
 
-def test_server_is_a_child_and_stops_cleanly(data_root):
-    server = ApacheServer(data_root)
+@pytest.mark.apache
+def test_server_is_a_child_and_stops_cleanly(apache_root):
+    server = ApacheServer(apache_root)
     with server:
         port, run_dir, pid = server.port, server.run_dir, server.process.pid
         assert server.url == f"http://127.0.0.1:{port}"
@@ -218,20 +236,23 @@ def test_server_is_a_child_and_stops_cleanly(data_root):
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_fixed_port_in_use_is_a_clear_error(data_root):
-    from apache.launcher import ApacheError
+@pytest.mark.parametrize("kind", SERVERS)
+def test_fixed_port_in_use_is_a_clear_error(data_root, kind):
+    from apache.launcher import ServeError
 
-    with ApacheServer(data_root) as first:
-        with pytest.raises(ApacheError, match="did not start"):
-            ApacheServer(data_root, port=first.port, start_timeout=5).start()
+    with start_server(kind, data_root) as first:
+        with pytest.raises(ServeError, match=f"port {first.port} on 127.0.0.1 is in use.* did not start"):
+            start_server(kind, data_root, port=first.port).start()
 
 
-def test_system_wide_virtual_host_with_debian_default_modules(data_root, tmp_path):
+@pytest.mark.apache
+def test_system_wide_virtual_host_with_debian_default_modules(apache_root, tmp_path):
     """The docs' sites-available snippet, inside a config that also loads what Debian enables by
     default (mod_deflate compressing JSON, autoindex, dir): chunks are still gzip-encoded exactly
     once and directories still not listed."""
     from apache.launcher import find_apache, free_port
 
+    data_root = apache_root
     apache = find_apache()
     port = free_port()
     run_dir = tmp_path / "run"
@@ -266,16 +287,19 @@ def test_system_wide_virtual_host_with_debian_default_modules(data_root, tmp_pat
         process.wait(timeout=10)
 
 
-def test_serve_command_prints_links_serves_and_stops_on_ctrl_c(data_root):
+@pytest.mark.parametrize("kind", SERVERS)
+def test_serve_command_prints_links_serves_and_stops_on_ctrl_c(data_root, kind):
     import signal
     import sys
     import urllib.parse
 
-    from apache.launcher import free_port
+    from apache.launcher import free_port, server_name
 
+    if kind == "apache":
+        require_apache()
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--data-root", str(data_root),
-                                "--port", str(port), "--animal", ANIMAL],
+                                "--port", str(port), "--animal", ANIMAL, "--server", kind],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                cwd=Path(__file__).resolve().parent.parent)
     lines = []
@@ -298,19 +322,20 @@ def test_serve_command_prints_links_serves_and_stops_on_ctrl_c(data_root):
         process.send_signal(signal.SIGINT)
         rest = process.communicate(timeout=30)[0]
     assert process.returncode == 0, "".join(lines) + rest
-    assert "stopping Apache" in rest
+    assert f"stopping {server_name(kind)}" in rest
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_apache_dies_with_a_killed_starter(data_root):
+@pytest.mark.apache
+def test_apache_dies_with_a_killed_starter(apache_root):
     """A test process killed mid-run must not leave its Apache holding the port."""
     import signal
     import sys
 
     code = ("import sys, time; from apache.launcher import ApacheServer\n"
             "s = ApacheServer(sys.argv[1]); s.start(); print(s.port, s.run_dir, flush=True); time.sleep(60)\n")
-    starter = subprocess.Popen([sys.executable, "-c", code, str(data_root)], stdout=subprocess.PIPE, text=True,
+    starter = subprocess.Popen([sys.executable, "-c", code, str(apache_root)], stdout=subprocess.PIPE, text=True,
                                cwd=Path(__file__).resolve().parent.parent)
     port, run_dir = starter.stdout.readline().split()
     port = int(port)

@@ -11,7 +11,9 @@ What is asserted, on pixels only:
 - the offline client served by the same Apache under /v/<token>/, opened with the generated
   link, draws the section with the generated (data-derived) window: correlation > 0.99 and a mean
   difference under 1.5 grey levels against the windowed source, no "Disconnected" notice; with
-  the offline script blocked, the notice does appear (so the script is what silences it).
+  the offline script blocked, the notice does appear (so the script is what silences it);
+- the exact-pixel render and the offline client also with the built-in fallback server
+  (apache.fallback) in Apache's place (the tests marked `apache` are the Apache-only ones).
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apache.launcher import ApacheServer
+from apache.launcher import ApacheServer, create_server
 from pipeline.layout import AnimalLayout
 from tests.helpers_browser import (asymmetric_section, best_match, chromium_driver, one_to_one, page_screenshot,
                                    render_with_python_viewer, require_apache, require_chromium, servable_dir, windowed,
                                    write_plain_omezarr)
 from web.state import build_state, link_for, offline_client_url
 
-pytestmark = [pytest.mark.browser, pytest.mark.apache, pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.timeout(600)]
+SERVERS = [pytest.param("apache", marks=pytest.mark.apache), "fallback"]
 
 ANIMAL = "DK1"
 HEIGHT, WIDTH, DEPTH = 96, 128, 3
@@ -40,7 +43,6 @@ SHOWN = 1                  # the section the tests look at
 @pytest.fixture(scope="module")
 def published():
     """A 3-section stack published by the neuroglancer stage's writer (gzip chunks)."""
-    require_apache()
     require_chromium()
     with servable_dir() as served:
         yield _publish(served / "data")
@@ -70,16 +72,24 @@ def driver():
         yield running
 
 
-def python_viewer_render(driver, root: Path, timeout: float, **apache_options) -> np.ndarray | None:
-    with ApacheServer(root, **apache_options) as server:
+def serving(kind: str, root: Path, **options):
+    """A started-on-`with` Apache (needs apache2) or built-in fallback server on `root`."""
+    if kind == "apache":
+        require_apache()
+    return create_server(kind, root, **options)
+
+
+def python_viewer_render(driver, root: Path, timeout: float, kind: str = "apache", **options) -> np.ndarray | None:
+    with serving(kind, root, **options) as server:
         state = build_state(root, ANIMAL, server.url, windows={1: (0, 255)})
         return render_with_python_viewer(driver, one_to_one(state, section=SHOWN), SIZE, timeout=timeout)
 
 
-def test_python_viewer_screenshot_equals_the_source_section(published, driver):
+@pytest.mark.parametrize("kind", SERVERS)
+def test_python_viewer_screenshot_equals_the_source_section(published, driver, kind):
     root, volume = published
-    shot = python_viewer_render(driver, root, timeout=120)
-    assert shot is not None, "Neuroglancer did not finish loading the chunks served by Apache"
+    shot = python_viewer_render(driver, root, timeout=120, kind=kind)
+    assert shot is not None, f"Neuroglancer did not finish loading the chunks served by {kind}"
     grey = shot[..., 0]
     assert np.array_equal(grey, shot[..., 1]) and np.array_equal(grey, shot[..., 2])
     score, (y, x) = best_match(grey, volume[SHOWN])
@@ -91,6 +101,7 @@ def test_python_viewer_screenshot_equals_the_source_section(published, driver):
         assert not np.array_equal(grey[y:y + HEIGHT, x:x + WIDTH], volume[other])
 
 
+@pytest.mark.apache
 @pytest.mark.parametrize("broken", [{"gzip_header": False}, {"cors": False}], ids=["no-gzip-header", "no-cors"])
 def test_negative_control_without_required_headers_nothing_is_drawn(published, driver, broken):
     root, volume = published
@@ -101,11 +112,13 @@ def test_negative_control_without_required_headers_nothing_is_drawn(published, d
     assert score < 0.5, f"the section was drawn although the server is {broken}"
 
 
+@pytest.mark.apache
 def test_python_viewer_draws_rgb_brightfield_exactly(driver):
     """RGB sections are published as one 3-channel layer; the state's RGB shader shows each
     colour channel unchanged with the window (0, 255)."""
     import tifffile
 
+    require_apache()
     from pipeline.publish.precomputed import publish_stack
 
     rgb = np.stack([np.stack([asymmetric_section(HEIGHT, WIDTH, seed=z), asymmetric_section(HEIGHT, WIDTH, seed=z + 10)[::-1],
@@ -126,9 +139,11 @@ def test_python_viewer_draws_rgb_brightfield_exactly(driver):
     assert np.array_equal(shot[y:y + HEIGHT, x:x + WIDTH, :3], rgb[SHOWN])
 
 
+@pytest.mark.apache
 @pytest.mark.parametrize("zarr_format", [3, 2], ids=["ngff-0.5-zarr3", "ngff-0.4-zarr2"])
 def test_python_viewer_draws_an_omezarr_layer_exactly(published, driver, zarr_format):
     """`layer_source="omezarr"`: the same section from an OME-Zarr store served by Apache."""
+    require_apache()
     root, volume = published
     store = AnimalLayout(root, ANIMAL).omezarr(1, downsample=False)
     write_plain_omezarr(store, volume, zarr_format=zarr_format)
@@ -155,9 +170,9 @@ def _visible_texts(driver, needle: str) -> list[str]:
     return [element.text for element in found if element.is_displayed()]
 
 
-def _offline_page(driver, root: Path, block_offline_script: bool = False):
+def _offline_page(driver, root: Path, block_offline_script: bool = False, kind: str = "apache"):
     """Open the generated offline link; poll the page until the section appears (or 60 s)."""
-    with ApacheServer(root) as server:
+    with serving(kind, root) as server:
         state = build_state(root, ANIMAL, server.url, layout="xy")
         window = state["layers"][0]["shaderControls"]["normalized"]["range"]
         link = link_for(one_to_one(state, section=SHOWN), offline_client_url(server.url))
@@ -186,10 +201,11 @@ def _published_section(root: Path) -> np.ndarray:
     return np.asarray(cv[0:WIDTH, 0:HEIGHT, SHOWN:SHOWN + 1])[..., 0, 0].T
 
 
-def test_offline_client_served_by_apache_draws_the_brain_without_notice(published, driver):
+@pytest.mark.parametrize("kind", SERVERS)
+def test_offline_client_draws_the_brain_without_notice(published, driver, kind):
     root, volume = published
     assert np.array_equal(_published_section(root), volume[SHOWN])
-    page, expected, score, (y, x), window = _offline_page(driver, root)
+    page, expected, score, (y, x), window = _offline_page(driver, root, kind=kind)
     assert window[0] > 0 and window[1] < 255, "window should come from the data, not the dtype range"
     drawn = page[y:y + HEIGHT, x:x + WIDTH].astype(np.float64)
     assert drawn.std() > 20, "blank data panel"
@@ -201,6 +217,7 @@ def test_offline_client_served_by_apache_draws_the_brain_without_notice(publishe
     assert not _visible_texts(driver, "Python server")
 
 
+@pytest.mark.apache
 def test_offline_notice_appears_when_the_offline_script_is_blocked(published, driver):
     """Control for the test above: the client itself shows the notice; our script removes it."""
     root, _ = published
