@@ -275,15 +275,37 @@ def _how(argv: list[str]) -> int:
 
 
 def _serve(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="create_pipeline serve", description="Serve published volumes with Apache httpd.")
-    parser.add_argument("--port", type=int, default=8080)
-    parser.add_argument("--animal", default=None, help="print Neuroglancer links for this animal")
+    parser = argparse.ArgumentParser(
+        prog="create_pipeline serve",
+        description="Serve published volumes (Apache httpd, or a built-in fallback server without it) and print "
+                    "Neuroglancer links. Without --background it runs until Ctrl-C.")
+    parser.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default 8080; 0: any free port)")
+    parser.add_argument("--animal", default=None,
+                        help="print Neuroglancer links for this animal (default: every animal with published volumes)")
+    parser.add_argument("--server", choices=("auto", "apache", "fallback"), default="auto",
+                        help="auto (default): Apache when it is installed and can read the data, else the built-in "
+                             "fallback server (Python standard library)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--background", action="store_true",
+                      help="start detached (survives this shell), print the links and return; a server already "
+                           "running for this data root is reused")
+    mode.add_argument("--stop", action="store_true", help="stop the server of this data root")
+    mode.add_argument("--status", action="store_true", help="say whether a server runs for this data root "
+                                                             "(exit status 0 if it runs and answers, else 1)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     settings = settings_from(args)
+    from apache import background
     from apache.launcher import serve_forever
 
-    return serve_forever(settings.data_root, args.port, animal=args.animal, db_url=settings.database_url) or 0
+    if args.stop:
+        return background.stop_server(settings.data_root)
+    if args.status:
+        return background.server_status(settings.data_root)
+    if args.background:
+        return background.start_background(settings.data_root, args.port, args.server, animal=args.animal)
+    return serve_forever(settings.data_root, args.port, animal=args.animal, db_url=settings.database_url,
+                         server=args.server) or 0
 
 
 def _worker(argv: list[str]) -> int:

@@ -22,6 +22,12 @@ def section_name(position: int) -> str:
     return f"{position:03d}"
 
 
+def server_state_dir(data_root: str | Path) -> Path:
+    """Where `create_pipeline serve` records the server of a data root (pid, port, log). Not
+    served: Apache and the fallback map only `<animal>/www/`."""
+    return Path(data_root).absolute() / ".serve"
+
+
 @dataclass(frozen=True)
 class AnimalLayout:
     data_root: Path
