@@ -142,3 +142,11 @@ def test_source_to_canvas_matrix_follows_pixels(rotation, flip, flop):
     out = clean_section(image, mask, geometry)
     y, x = np.argwhere(out == 7)[0]
     assert (geometry.source_to_canvas() @ [25, 8, 1])[:2] == pytest.approx([x, y])
+
+
+def test_canvas_leaves_room_for_turning():
+    plain = canvas_shape([(20, 60)], margin_fraction=0.0, multiple=1)
+    turned = canvas_shape([(20, 60)], margin_fraction=0.0, multiple=1, turn_allowance_deg=15)
+    assert plain == (20, 60)
+    assert turned == (int(np.ceil(20 * np.cos(np.pi / 12) + 60 * np.sin(np.pi / 12))),
+                      int(np.ceil(60 * np.cos(np.pi / 12) + 20 * np.sin(np.pi / 12))))

@@ -21,6 +21,7 @@ from db.models import AlignmentMetric, ElastixTransformation, FileLog, PipelineR
 from db.queries import files_of_run, ordered_sections
 from db.session import init_db, session_scope
 from pipeline.create_pipeline import main
+from pipeline.imaging.downsample import downsample_area
 from pipeline.imaging.mask import dice, mask_from_overlay
 from pipeline.imaging.orient import Orientation, orient, plan_clean, tissue_box
 from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
@@ -323,3 +324,47 @@ def test_registration_recovers_the_true_relative_transforms(small_processed):
         drift.append(np.sqrt(((composed @ points - true @ points)[:2] ** 2).sum(axis=0).mean()))
     print(f"composed to section {reference:03d}: error RMS {np.sqrt(np.mean(np.square(drift))):.3f} px, "
           f"worst {max(drift):.3f} px (errors accumulate along the chain)")
+
+
+def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_path, sqlite_url):
+    root = copy_sample(tiny_sample, tmp_path)
+    layout = AnimalLayout(root, "DEMO")
+    for task in ("extract", "mask", "clean", "align"):
+        assert cli(root, sqlite_url, task) == 0
+    count = SampleTruth.load(root, "DEMO").section_count
+    full = ("--downsample", "false")
+    assert cli(root, sqlite_url, "mask", *full) == 0
+    with session_scope(init_db(sqlite_url)) as s:
+        rows = ordered_sections(s, "DEMO", 1)
+    for position, row in enumerate(rows):
+        full_mask = read(layout.mask(position, False))
+        expected = np.repeat(np.repeat(read(layout.mask(position)), 32, 0), 32, 1)[:row.height, :row.width]
+        assert np.array_equal(full_mask, expected)  # nearest neighbour: still 0/255, no halo
+    assert cli(root, sqlite_url, "clean", *full) == 0
+    assert cli(root, sqlite_url, "align", *full) == 0
+    made = made_by_last_run(sqlite_url, root)
+    assert made == {f"preps/CH1/full_aligned/{p:03d}.tif" for p in range(count)}  # no registration, no compose
+    for p in range(count):
+        thumb = read(layout.aligned(1, True, p)).astype(np.float64)
+        reduced = downsample_area(read(layout.aligned(1, False, p)), THUMBNAIL_FACTOR).astype(np.float64)
+        assert reduced.shape == thumb.shape
+        # the same place: tissue centroids agree (phase correlation is too noisy on 24 x 32 px)
+        assert np.allclose(ndi.center_of_mass(thumb), ndi.center_of_mass(reduced), atol=0.05), p
+        assert np.array_equal(downsample_area(read(layout.cleaned(1, False, p)), THUMBNAIL_FACTOR), read(layout.cleaned(1, True, p)))
+    assert cli(root, sqlite_url, "histogram", *full) == 0
+    counts = np.load(layout.histogram_data(1, False))["counts"]
+    assert counts.sum() == sum(int((read(layout.mask(p, False)) > 0).sum()) for p in range(count))
+    assert cli(root, sqlite_url, "create_metrics", *full) == 0
+    with session_scope(init_db(sqlite_url)) as s:
+        metrics = s.scalars(select(AlignmentMetric).where(AlignmentMetric.resolution == "full")
+                            .order_by(AlignmentMetric.section)).all()
+    assert len(metrics) == count - 1 and all(m.overlap_fraction > 0.9 for m in metrics)
+    # the window-by-window measurement equals one pass over the whole images
+    from pipeline.imaging.metrics import PairAccumulator, overlap_range
+
+    last = metrics[-1]
+    whole = PairAccumulator(*overlap_range(read(layout.aligned(1, True, count - 2)), read(layout.aligned(1, True, count - 1))))
+    whole.add(read(layout.aligned(1, False, count - 2)), read(layout.aligned(1, False, count - 1)))
+    expected = whole.result()
+    assert last.ncc == pytest.approx(expected["ncc"], abs=1e-9)
+    assert last.mutual_information == pytest.approx(expected["mutual_information"], abs=1e-9)

@@ -159,18 +159,22 @@ class CleanGeometry:
         )
 
 
-def canvas_shape(placed_shapes: list[tuple[int, int]], margin_fraction: float = 0.05, multiple: int = 8) -> tuple[int, int]:
-    """Canvas (height, width) that holds the largest oriented tissue box with a margin.
+def canvas_shape(placed_shapes: list[tuple[int, int]], margin_fraction: float = 0.05, multiple: int = 8,
+                 turn_allowance_deg: float = 0.0) -> tuple[int, int]:
+    """Canvas (height, width) that holds every oriented tissue box with a margin.
 
+    `turn_allowance_deg`: room for each box to be turned by up to that angle later (alignment
+    turns sections onto the middle one), so aligned tissue is not cut at the canvas edge.
     Rounded up to `multiple` so that, scaled by the thumbnail factor, full resolution stays an
     exact multiple of the thumbnail canvas.
     """
     if not placed_shapes:
         raise SlidepipeError("no section to size the canvas from")
-    height = max(s[0] for s in placed_shapes)
-    width = max(s[1] for s in placed_shapes)
+    cos, sin = np.cos(np.deg2rad(turn_allowance_deg)), abs(np.sin(np.deg2rad(turn_allowance_deg)))
+    height = max(h * cos + w * sin for h, w in placed_shapes)
+    width = max(w * cos + h * sin for h, w in placed_shapes)
 
-    def grow(n: int) -> int:
+    def grow(n: float) -> int:
         n = int(np.ceil(n * (1 + 2 * margin_fraction)))
         return -(-n // multiple) * multiple
 

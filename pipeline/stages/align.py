@@ -122,7 +122,9 @@ def warp_thumbnail(source: str, transform: str, output: str) -> dict:
                              f"on a {data['canvas'][1]} x {data['canvas'][0]} canvas: re-run clean", source)
     aligned = warp_affine(image, np.array(data["matrix"]), image.shape[:2])
     write_image(output, aligned)
-    return {"shape": list(aligned.shape), "rotation": data["rotation"], "xshift": data["xshift"], "yshift": data["yshift"]}
+    at_edge = bool(aligned[0].any() or aligned[-1].any() or aligned[:, 0].any() or aligned[:, -1].any())
+    return {"shape": list(aligned.shape), "rotation": data["rotation"], "xshift": data["xshift"], "yshift": data["yshift"],
+            "tissue_at_canvas_edge": at_edge}
 
 
 def warp_full(source: str, transform: str, output: str) -> dict:
@@ -281,7 +283,11 @@ def _warp(ctx: StageContext, available, transforms: dict[int, Path]) -> None:
                           kwargs={"source": str(source), "transform": str(transforms[s.position]), "output": str(output)},
                           inputs=[source, transforms[s.position]], outputs=[output],
                           params={"interpolation": "linear"}, label=str(source)))
-    ctx.execute(tasks, desc=f"warp CH{ctx.channel}")
+    results = ctx.execute(tasks, desc=f"warp CH{ctx.channel}")
+    cut = sorted(key.split(":")[1] for key, result in results.items() if result.get("tissue_at_canvas_edge"))
+    if cut:
+        ctx.log.warning("align: tissue reaches the canvas edge in sections %s and may be cut off: enlarge the "
+                        "canvas (scan_run width/height) and re-run clean and align", ", ".join(cut))
 
 
 def _record_registration_settings(ctx: StageContext, backend: str) -> None:

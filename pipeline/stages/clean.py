@@ -25,6 +25,8 @@ PER_CHANNEL = True
 
 CANVAS_MARGIN = 0.05
 """Fraction of the largest tissue box added on each side of the canvas."""
+CANVAS_TURN_ALLOWANCE_DEG = 15.0
+"""Room for sections to be turned this much by alignment without leaving the canvas."""
 NORMALISE_PERCENTILES = (1.0, 99.0)
 
 
@@ -114,7 +116,7 @@ def plan_geometries(ctx: StageContext, sections) -> dict[int, dict]:
             for mask in masks.values():
                 y0, y1, x0, x1 = tissue_box(mask)
                 placed.append(oriented_shape((y1 - y0, x1 - x0), orientation))
-            canvas = canvas_shape(placed, CANVAS_MARGIN)
+            canvas = canvas_shape(placed, CANVAS_MARGIN, turn_allowance_deg=CANVAS_TURN_ALLOWANCE_DEG)
             scan_run.height, scan_run.width = canvas[0] * THUMBNAIL_FACTOR, canvas[1] * THUMBNAIL_FACTOR
             ctx.log.info("clean: canvas %d x %d px at full resolution (recorded in scan_run)", scan_run.width, scan_run.height)
     geometries = {}
