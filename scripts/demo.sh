@@ -20,6 +20,6 @@ for sub in ("preps/tif", "preps/thumbnail_original", "www/scene", "www/neuroglan
         print(f"  {sub:<28} {n} entries")
 print(f"database: sqlite:///{root / 'slidepipe.db'}  (e.g. sqlite3 {root / 'slidepipe.db'} 'select * from pipeline_run')")
 PYEOF
-if "$PY" -c "import apache.launcher" 2>/dev/null; then
-  "$PY" -m web.links --animal "$ANIMAL" --data-root "$DATA_ROOT" || true
-fi
+echo
+echo "+ create_pipeline serve --background --animal $ANIMAL"
+"$PY" -m pipeline serve --background --animal "$ANIMAL" --data-root "$DATA_ROOT"
