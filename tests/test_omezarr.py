@@ -675,3 +675,50 @@ def test_stage_reports_missing_aligned_sections(tmp_path, sqlite_url, capsys):
     assert stage_cli(tmp_path, sqlite_url, "--channel", "1") == 1
     assert "aligned sections are missing" in capsys.readouterr().err
     assert last_runs(sqlite_url)[0].status == "failed"
+
+
+# ------------------------------------------------------------------------------------------
+# viewing: Neuroglancer in headless Chromium draws what the converter wrote, served by Apache
+@pytest.mark.browser
+@pytest.mark.apache
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("variant", ["0.5", "0.5-sharded", "0.4"])
+def test_headless_chromium_renders_the_omezarr_served_by_apache(variant):
+    """Level 0 one screen pixel per voxel is the section exactly; zoomed out 2x, Neuroglancer
+    switches to level 1 and draws the converter's mean-downsampled level exactly (not a sampling
+    of level 0), so the pyramid's scales are read as written."""
+    from apache.launcher import ApacheServer
+    from pipeline.layout import AnimalLayout
+    from tests.helpers_browser import (asymmetric_section, best_match, chromium_driver, one_to_one,
+                                       render_with_python_viewer, require_apache, require_chromium, servable_dir)
+    from web.state import build_state
+
+    require_apache()
+    require_chromium()
+    height, width, shown, size = 96, 128, 1, (256, 192)
+    sections = np.stack([asymmetric_section(height, width, seed=z) for z in range(3)])
+    ngff, sharded = variant.split("-")[0], variant.endswith("sharded")
+    with servable_dir() as served:
+        root = served / "data"
+        paths = write_stack(served / "tif", sections)
+        store = AnimalLayout(root, "OZB").omezarr(1, downsample=False)
+        convert_stack(paths, store, OmeZarrOptions(
+            ngff_version=ngff, chunk=(1, 32, 32), shard=(1, 64, 64) if sharded else None, nlevels=2,
+            voxel_um=(20.0, 0.325, 0.325), threads=2))
+        level1 = levels(store)[1]
+        assert not np.array_equal(level1[shown], sections[shown][::2, ::2]), "level 1 must differ from a sampling"
+        with chromium_driver() as driver, ApacheServer(root) as server:
+            state = build_state(root, "OZB", server.url, layer_source="omezarr", windows={1: (0, 255)})
+            assert state["layers"][0]["source"].startswith(f"zarr{3 if ngff == '0.5' else 2}://")
+            full = render_with_python_viewer(driver, one_to_one(state, section=shown), size, timeout=120)
+            zoomed_out = one_to_one(state, section=shown)
+            zoomed_out["crossSectionScale"] = 2
+            half = render_with_python_viewer(driver, zoomed_out, size, timeout=120)
+    assert full is not None and half is not None, "Neuroglancer did not finish loading the chunks served by Apache"
+    score, (y, x) = best_match(full[..., 0], sections[shown])
+    assert score > 0.999
+    assert np.array_equal(full[y:y + height, x:x + width, 0], sections[shown])
+    score, (y, x) = best_match(half[..., 0], level1[shown])
+    assert score > 0.999
+    assert np.array_equal(half[y:y + height // 2, x:x + width // 2, 0], level1[shown])

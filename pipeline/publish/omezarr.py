@@ -460,8 +460,9 @@ class _LevelWork:
 
 def slab_cost(work: _LevelWork, slab: Sequence[int], channels: int, itemsize: int, algorithm: str,
               threads: int, source_width: int = 0, segment_bytes: int = 0) -> int:
-    """Peak bytes of one slab: the slab, tensorstore's copy of it, and the producing step's
-    buffers (TIFF rows being decoded, or the level below and the downsampling temporaries)."""
+    """Peak bytes while one slab is produced: that slab, the previous one still being encoded by
+    tensorstore, and the producing step's buffers (TIFF rows being decoded, or the level below
+    and the downsampling temporaries)."""
     sz, sy, sx = slab
     out = sz * sy * sx * channels * itemsize
     if work.factor is None:
@@ -474,7 +475,7 @@ def slab_cost(work: _LevelWork, slab: Sequence[int], channels: int, itemsize: in
     if algorithm == "gaussian":
         temp = 2 * in_vox * 8  # float64 copy and its filtered result, one channel at a time
     elif algorithm == "mean":
-        temp = 4 * fz * (sy * fy) * (sx * fx) * 8  # a few float64 planes
+        temp = in_vox * 4 // 2 + 2 * sz * sy * sx * 4  # uint32 half-sums, float32 means
     else:
         temp = 0
     return in_bytes + temp + 2 * out
@@ -675,7 +676,7 @@ def convert_stack(paths: Sequence[Path], store: Path, options: OmeZarrOptions,
     shape = tuple(hi - lo for lo, hi in bounds)
     voxel = _voxel_size(options.voxel_um, info.voxel_um)
     chunk = _unit(options.chunk or DEFAULT_CHUNK, shape)
-    shard = tuple(min(s, -(-n // c) * c) for s, n, c in zip(options.shard, shape, chunk)) if options.shard else None
+    shard = _shard_for(options.shard, chunk, shape) if options.shard else None
     nlevels = 1 if options.zarr_only else (options.nlevels or pyramid.auto_nlevels(shape, chunk))
     factors = pyramid.level_factors(shape, voxel, nlevels)
     shapes = pyramid.level_shapes(shape, factors)
@@ -706,7 +707,7 @@ def convert_stack(paths: Sequence[Path], store: Path, options: OmeZarrOptions,
         for level, lshape in enumerate(shapes):
             path = store if options.zarr_only else store / str(level)
             spec = array_spec(path, fmt, img.full(lshape), img.dtype, img.full(_unit(chunk, lshape), 1),
-                              img.full(_unit(shard, lshape), 1) if shard else None, img.dims,
+                              img.full(_shard_for(shard, chunk, lshape), 1) if shard else None, img.dims,
                               options.compression_level)
             arrays.append(_open_array(spec, context, create=(status == "new")))
         if status == "resume":
@@ -851,6 +852,12 @@ def _unit(unit: Sequence[int] | None, shape: Sequence[int]) -> tuple[int, int, i
     return tuple(min(int(u), int(s)) for u, s in zip(unit, shape))
 
 
+def _shard_for(shard: Sequence[int], chunk: Sequence[int], shape: Sequence[int]) -> tuple[int, int, int]:
+    """The shard of a level: no bigger than the level needs, and still whole chunks of that level."""
+    chunk = _unit(chunk, shape)
+    return tuple(min(int(s), -(-int(n) // c) * c) for s, n, c in zip(shard, shape, chunk))
+
+
 def _channel_names(names, channels: int) -> list[str]:
     if names:
         if len(names) != channels:
@@ -910,23 +917,39 @@ def _write_level(array, img: _Image, work: _LevelWork, produce, tracker: _Progre
     counts["skipped"] += len(done & set(range(len(slabs))))
     bar = tqdm(total=len(slabs), initial=len(done), desc=f"level {work.level}", unit="slab", disable=None,
                file=sys.stderr)
+    pending = None  # (slab number, write future): slab i is encoded while slab i+1 is produced
+
+    def finish() -> None:
+        nonlocal pending
+        if pending is None:
+            return
+        i, future = pending
+        pending = None
+        future.result()
+        release_free_memory()
+        done.add(i)  # recorded only once its chunks are on disk
+        tracker.mark(work.level, done)
+        counts["written"] += 1
+        bar.update()
+        if progress:
+            progress(f"level {work.level}", len(done), len(slabs))
+
     try:
         for i, box in enumerate(slabs):
             if i in done:
                 continue
             data = produce(box)
+            finish()
             # The slab is never modified after this, so tensorstore may encode straight from it
-            # instead of copying it first (one slab less at the peak).
-            array[img.index(box)].write(img.stored(data), can_reference_source_data_indefinitely=True).result()
+            # instead of copying it (slab_cost counts it twice: this one and the next produced).
+            future = array[img.index(box)].write(img.stored(data), can_reference_source_data_indefinitely=True)
+            pending = (i, future)
             del data
-            release_free_memory()
-            done.add(i)
-            tracker.mark(work.level, done)
-            counts["written"] += 1
-            bar.update()
-            if progress:
-                progress(f"level {work.level}", len(done), len(slabs))
+        finish()
     finally:
+        if pending is not None:  # an error while producing: let the write in flight end first
+            with contextlib.suppress(Exception):
+                pending[1].result()
         bar.close()
 
 
@@ -1028,8 +1051,8 @@ def add_levels(store: Path, options: OmeZarrOptions,
             level = first - 1 + k
             path = store / str(level)
             spec = array_spec(path, fmt, img.full(shapes[k]), img.dtype, img.full(_unit(chunk, shapes[k]), 1),
-                              img.full(_unit(options.shard, shapes[k]), 1) if options.shard else None, img.dims,
-                              options.compression_level)
+                              img.full(_shard_for(options.shard, chunk, shapes[k]), 1) if options.shard else None,
+                              img.dims, options.compression_level)
             array = _open_array(spec, context, create=not (resume and path.exists()))
             work = _LevelWork(level, shapes[k], _unit(options.shard or chunk, shapes[k]), factors[k - 1])
             produce = _downsampler(previous, img, work.factor, shapes[k - 1], options.algorithm)

@@ -112,13 +112,39 @@ def downsample(block: np.ndarray, factor: Factor, algorithm: str = "mean",
                                  truncate=GAUSSIAN_TRUNCATE)
         return _block_mean(smooth[core], fz, fy, block.dtype)
     data = block[core]
-    if fz == 1 and np.issubdtype(data.dtype, np.integer):
-        # One plane per output plane: downsample_area rounds exactly as the float path would.
-        out = np.empty((data.shape[0], -(-data.shape[1] // fy), -(-data.shape[2] // fx)), data.dtype)
-        for k in range(data.shape[0]):
-            out[k] = downsample_area(data[k], fy)
-        return out
+    if data.dtype in (np.uint8, np.uint16):
+        return block_mean_uint(data, factor)
     return _block_mean(data, fz, fy, data.dtype)
+
+
+def block_mean_uint(data: np.ndarray, factor: Factor) -> np.ndarray:
+    """The mean rule of `downsample` for uint8/uint16 in integer sums: ~5x faster than the float64
+    path through `downsample_area` (the conversion's bottleneck, measured in bench/omezarr.py)
+    and the same result, which tests check against `downsample_area` and a naive loop.
+
+    Sums of up to 8 voxels fit uint32; a block's count is a power of two (1, 2, 4, 8), so
+    float32 sum * (1 / count) is exact and np.rint rounds halves to even as downsample_area does.
+    """
+    sums = data  # widened to uint32 by the first halving, which copies half the voxels, not all
+    counts = []
+    for axis, f in enumerate(factor):
+        n = sums.shape[axis]
+        if f == 1:
+            counts.append(np.ones(n, np.float32))
+            continue
+        first = sums[(slice(None),) * axis + (slice(0, None, 2),)]
+        second = sums[(slice(None),) * axis + (slice(1, None, 2),)]
+        first = first.astype(np.uint32)
+        first[(slice(None),) * axis + (slice(0, second.shape[axis]),)] += second
+        sums = first
+        count = np.full(first.shape[axis], 2, np.float32)
+        if n % 2:
+            count[-1] = 1
+        counts.append(count)
+    scale = (1.0 / counts[0])[:, None, None] * (1.0 / counts[1])[None, :, None] * (1.0 / counts[2])[None, None, :]
+    means = sums.astype(np.float32)
+    means *= scale.astype(np.float32)
+    return np.rint(means, out=means).astype(data.dtype)
 
 
 def _block_mean(data: np.ndarray, fz: int, fxy: int, dtype) -> np.ndarray:
