@@ -56,6 +56,14 @@ def copy_sample(sample: Path, tmp_path: Path) -> Path:
     return root
 
 
+def aligned_copy(sample: Path, tmp_path: Path, db_url: str) -> tuple[Path, AnimalLayout, int]:
+    """A copy of the sample taken through extract, mask, clean and align (thumbnails)."""
+    root = copy_sample(sample, tmp_path)
+    for task in ("extract", "mask", "clean", "align"):
+        assert cli(root, db_url, task) == 0, task
+    return root, AnimalLayout(root, "DEMO"), SampleTruth.load(root, "DEMO").section_count
+
+
 @pytest.fixture(scope="module")
 def tiny_sample(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
@@ -152,11 +160,7 @@ def test_chain_on_the_tiny_sample(tiny_sample, tmp_path, db_url):
 
 
 def test_edited_overlay_reruns_exactly_the_affected_sections(tiny_sample, tmp_path, sqlite_url):
-    root = copy_sample(tiny_sample, tmp_path)
-    layout = AnimalLayout(root, "DEMO")
-    for task in ("extract", "mask", "clean", "align"):
-        assert cli(root, sqlite_url, task) == 0
-    count = SampleTruth.load(root, "DEMO").section_count
+    root, layout, count = aligned_copy(tiny_sample, tmp_path, sqlite_url)
     edited = 1
     overlay_path = layout.mask(edited, True, "colored")
     overlay = read(overlay_path)
@@ -327,11 +331,7 @@ def test_registration_recovers_the_true_relative_transforms(small_processed):
 
 
 def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_path, sqlite_url):
-    root = copy_sample(tiny_sample, tmp_path)
-    layout = AnimalLayout(root, "DEMO")
-    for task in ("extract", "mask", "clean", "align"):
-        assert cli(root, sqlite_url, task) == 0
-    count = SampleTruth.load(root, "DEMO").section_count
+    root, layout, count = aligned_copy(tiny_sample, tmp_path, sqlite_url)
     full = ("--downsample", "false")
     assert cli(root, sqlite_url, "mask", *full) == 0
     with session_scope(init_db(sqlite_url)) as s:
