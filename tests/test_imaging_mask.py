@@ -104,3 +104,13 @@ def test_dice():
     b[1:3] = True
     assert dice(a, b) == pytest.approx(0.5)
     assert dice(np.zeros((2, 2)), np.zeros((2, 2))) == 1.0
+
+
+def test_otsu_threshold_splits_two_populations():
+    from pipeline.imaging.mask import otsu_threshold
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0.1, 0.03, 6000), rng.normal(0.7, 0.05, 2000)])
+    threshold = otsu_threshold(values)
+    assert 0.25 < threshold < 0.55
+    assert np.all(values[:6000][np.abs(values[:6000] - 0.1) < 0.09] < threshold)

@@ -18,7 +18,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.filters import threshold_otsu
 
 from pipeline.errors import SlidepipeError
 from pipeline.imaging.display import to_display_uint8
@@ -96,6 +95,19 @@ def _tissue_is_dark(grey: np.ndarray) -> bool:
     return float(np.median(border)) > float(np.median(grey))
 
 
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold: the cut of a 256-bin histogram that maximises the between-class variance."""
+    counts, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight_low = np.cumsum(counts).astype(np.float64)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(counts * centres)
+    mean_low = sum_low / np.maximum(weight_low, 1)
+    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
+    between = weight_low[:-1] * weight_high[:-1] * (mean_low[:-1] - mean_high[:-1]) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
 def _disk(radius: int) -> np.ndarray:
     yy, xx = np.mgrid[-radius:radius + 1, -radius:radius + 1]
     return xx * xx + yy * yy <= radius * radius
@@ -114,7 +126,7 @@ def tissue_mask(thumbnail: np.ndarray, params: MaskParams | None = None) -> np.n
     if dark:
         norm = 1.0 - norm
     smooth = ndi.gaussian_filter(norm, params.smooth_sigma) if params.smooth_sigma > 0 else norm
-    threshold = float(threshold_otsu(smooth)) * params.threshold_scale
+    threshold = otsu_threshold(smooth) * params.threshold_scale
     binary = smooth > threshold
     if not binary.any() or binary.all():
         return np.zeros((height, width), bool)
