@@ -112,5 +112,6 @@ def test_otsu_threshold_splits_two_populations():
     rng = np.random.default_rng(0)
     values = np.concatenate([rng.normal(0.1, 0.03, 6000), rng.normal(0.7, 0.05, 2000)])
     threshold = otsu_threshold(values)
-    assert 0.25 < threshold < 0.55
-    assert np.all(values[:6000][np.abs(values[:6000] - 0.1) < 0.09] < threshold)
+    assert 0.1 < threshold < 0.7
+    wrong = np.count_nonzero(values[:6000] > threshold) + np.count_nonzero(values[6000:] <= threshold)
+    assert wrong < 0.01 * values.size
