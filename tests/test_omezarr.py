@@ -730,3 +730,21 @@ def test_headless_chromium_renders_the_omezarr_served_by_apache(variant):
     score, (y, x) = best_match(half[..., 0], level1[shown])
     assert score > 0.999
     assert np.array_equal(half[y:y + height // 2, x:x + width // 2, 0], level1[shown])
+
+
+def test_first_new_level_on_a_store_written_by_ome_zarr_py(tmp_path):
+    from ome_zarr.writer import write_image
+
+    stack = synthetic_stack((4, 64, 96))
+    store = tmp_path / "foreign.ome.zarr"
+    group = zarr.open_group(str(store), mode="w")
+    write_image(stack, group, scale_factors=[2], axes="zyx", storage_options={"chunks": (4, 32, 32)},
+                scale={"z": 20.0, "y": 1.0, "x": 1.0})
+    level1 = levels(store)[1].copy()
+    assert main([str(store), "--first-new-level", "2", "--nlevels", "4"]) == 0
+    data = levels(store)
+    assert len(data) == 4 and np.array_equal(data[1], level1)
+    factors = factors_between(multiscales(store))
+    for i in (1, 2):
+        assert np.array_equal(data[i + 1], pyramid.downsample(data[i], factors[i], "mean"))
+    validate_store(store, expect_levels=4)
