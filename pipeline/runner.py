@@ -44,8 +44,8 @@ log = logging.getLogger("slidepipe")
 
 TRACKED_PACKAGES = (
     "numpy", "tifffile", "imagecodecs", "opencv-python-headless", "scipy", "pylibCZIrw",
-    "aicspylibczi", "SimpleITK", "itk-elastix", "cloud-volume", "igneous-pipeline", "zarr",
-    "ome-zarr", "SQLAlchemy", "alembic",
+    "aicspylibczi", "SimpleITK", "itk-elastix", "cloud-volume", "igneous-pipeline", "task-queue", "zarr",
+    "tensorstore", "ome-zarr", "ome-zarr-models", "SQLAlchemy", "alembic",
 )
 
 

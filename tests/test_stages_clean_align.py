@@ -23,7 +23,7 @@ from db.session import init_db, session_scope
 from pipeline.create_pipeline import main
 from pipeline.imaging.downsample import downsample_area
 from pipeline.imaging.mask import dice, mask_from_overlay
-from pipeline.imaging.orient import Orientation, orient, plan_clean, tissue_box
+from pipeline.imaging.orient import Orientation, plan_clean, tissue_box
 from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
 from pipeline.layout import THUMBNAIL_FACTOR, AnimalLayout
 from pipeline.sample import SampleTruth, build_sample

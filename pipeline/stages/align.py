@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import SlidepipeError
-from pipeline.layout import THUMBNAIL_FACTOR, section_name
+from pipeline.layout import section_name
 from pipeline.runner import StageContext, Task
 
 NAME = "align"

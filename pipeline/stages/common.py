@@ -84,3 +84,25 @@ def require_scan_run(session: Session, animal: str) -> ScanRun:
     if run is None:
         raise StageError(f"animal {animal} has no scan run yet: run --task extract first")
     return run
+
+
+def aligned_stack(ctx) -> tuple[list, float, float]:
+    """The aligned sections a publishing stage reads, with the pixel size (um) at the stage's
+    resolution and the section thickness (um); a clear error when anything is missing."""
+    from db.queries import ordered_sections
+    from pipeline.layout import THUMBNAIL_FACTOR
+
+    with ctx.session() as session:
+        scan_run = require_scan_run(session, ctx.animal)
+        xy_um, z_um = scan_run.resolution, scan_run.zresolution
+        count = len(ordered_sections(session, ctx.animal, ctx.channel))
+    if not xy_um:
+        raise StageError(f"the scan run of {ctx.animal} has no pixel size: set it with --resolution UM")
+    if count == 0:
+        raise StageError(f"animal {ctx.animal} has no active sections in channel {ctx.channel}")
+    sections = [ctx.layout.aligned(ctx.channel, ctx.downsample, i) for i in range(count)]
+    missing = [p for p in sections if not p.is_file()]
+    if missing:
+        raise StageError(f"{len(missing)} of {count} aligned sections are missing (first: {missing[0]}); "
+                         f"run --task align --channel {ctx.channel} --downsample {str(ctx.downsample).lower()} first")
+    return sections, xy_um * (THUMBNAIL_FACTOR if ctx.downsample else 1), z_um

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import atomic_path
-from pipeline.errors import StageError
 from pipeline.layout import THUMBNAIL_FACTOR
 from pipeline.runner import StageContext, Task
 
@@ -91,27 +90,15 @@ def _write_marker(path: str, content: dict) -> None:
 
 # ---------------------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
-    from db.queries import ordered_sections
     from pipeline.publish.precomputed import (
         DEFAULT_CHUNK, RECHUNKME_CHUNK, create_rechunkme_layer, inspect_stack, padding_sections, voxel_size_nm,
     )
-    from pipeline.stages.common import require_scan_run
+    from pipeline.stages.common import aligned_stack
 
-    with ctx.session() as session:
-        scan_run = require_scan_run(session, ctx.animal)
-        xy_um, z_um = scan_run.resolution, scan_run.zresolution
-        count = len(ordered_sections(session, ctx.animal, ctx.channel))
-    if not xy_um:
-        raise StageError(f"the scan run of {ctx.animal} has no pixel size: set it with --resolution UM")
-    if count == 0:
-        raise StageError(f"animal {ctx.animal} has no active sections in channel {ctx.channel}")
-    sections = [ctx.layout.aligned(ctx.channel, ctx.downsample, i) for i in range(count)]
-    missing = [p for p in sections if not p.is_file()]
-    if missing:
-        raise StageError(f"{len(missing)} of {count} aligned sections are missing (first: {missing[0]}); "
-                         f"run --task align --channel {ctx.channel} --downsample {str(ctx.downsample).lower()} first")
+    sections, xy_um, z_um = aligned_stack(ctx)
+    count = len(sections)
     stack = inspect_stack(sections)
-    voxel = voxel_size_nm(xy_um * (THUMBNAIL_FACTOR if ctx.downsample else 1), z_um)
+    voxel = voxel_size_nm(xy_um, z_um)
     chunk = tuple(ctx.params.get("chunk_size") or DEFAULT_CHUNK)
     rechunk = tuple(ctx.params.get("rechunkme_chunk_size") or RECHUNKME_CHUNK)
     max_mips = ctx.params.get("mips")

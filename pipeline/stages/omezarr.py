@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StageError
-from pipeline.layout import THUMBNAIL_FACTOR
 from pipeline.runner import StageContext, Task
 
 NAME = "omezarr"
@@ -79,24 +78,10 @@ def stored_window(ctx: StageContext) -> tuple[Path, tuple[float, float]] | None:
 
 
 def run(ctx: StageContext) -> None:
-    from db.queries import ordered_sections
     from pipeline.publish.omezarr import zyx
-    from pipeline.stages.common import require_scan_run
+    from pipeline.stages.common import aligned_stack
 
-    with ctx.session() as session:
-        scan_run = require_scan_run(session, ctx.animal)
-        xy_um, z_um = scan_run.resolution, scan_run.zresolution
-        count = len(ordered_sections(session, ctx.animal, ctx.channel))
-    if not xy_um:
-        raise StageError(f"the scan run of {ctx.animal} has no pixel size: set it with --resolution UM")
-    if count == 0:
-        raise StageError(f"animal {ctx.animal} has no active sections in channel {ctx.channel}")
-    sections = [ctx.layout.aligned(ctx.channel, ctx.downsample, i) for i in range(count)]
-    missing = [p for p in sections if not p.is_file()]
-    if missing:
-        raise StageError(f"{len(missing)} of {count} aligned sections are missing (first: {missing[0]}); "
-                         f"run --task align --channel {ctx.channel} --downsample {str(ctx.downsample).lower()} first")
-    xy = xy_um * (THUMBNAIL_FACTOR if ctx.downsample else 1)
+    sections, xy, z_um = aligned_stack(ctx)
     store = ctx.layout.omezarr(ctx.channel, ctx.downsample)
     histogram = stored_window(ctx)
     options: dict[str, Any] = {
@@ -117,7 +102,7 @@ def run(ctx: StageContext) -> None:
     inputs = sections + ([histogram[0]] if histogram else [])
     task = Task(key=store.name, func=write_store, inputs=inputs, outputs=[store], params=params, label=str(store),
                 kwargs={"sections": [str(p) for p in sections], "store": str(store), "options": options})
-    results = ctx.execute([task], desc=f"{store.name}: {count} sections -> OME-Zarr {options['ngff_version']}")
+    results = ctx.execute([task], desc=f"{store.name}: {len(sections)} sections -> OME-Zarr {options['ngff_version']}")
     if store.name in results:
         r = results[store.name]
         ctx.log.info("%s: NGFF %s, %d levels, %d files, %.1f MB", store, r.get("ngff_version"),
