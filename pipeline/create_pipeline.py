@@ -268,10 +268,22 @@ def _how(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     with session_scope(engine) as session:
-        path = str(Path(args.path).absolute()) if Path(args.path).exists() else args.path
+        path = _data_relative(Path(args.path), settings.data_root)
         answer = (lineage if args.lineage else how_was_made)(session, path, data_root=settings.data_root.absolute())
     print(json.dumps(answer, indent=2, default=str))
     return 0
+
+
+def _data_relative(path: Path, data_root: Path) -> str:
+    """A path as typed (absolute, relative to here, or relative to the data root; it need not
+    exist: a chunk is asked for by the name Neuroglancer uses, without .gz) -> file_log form."""
+    root = data_root.absolute()
+    for candidate in (path.absolute(), root / path):
+        try:
+            return candidate.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return path.as_posix()
 
 
 def _serve(argv: list[str]) -> int:

@@ -283,3 +283,22 @@ def test_tiff_series_gap_is_an_error(tmp_path, db_url, capsys):
     layout = AnimalLayout(root, "GAP")
     assert len(list(layout.tif_dir.glob("*_C1.tif"))) == 3, "the sections present are still extracted"
     assert runs(db_url, "GAP")[-1].status == "failed"
+
+
+def test_how_answers_provenance_from_the_shell(sample_root, tmp_path, db_url, capsys, monkeypatch):
+    import json
+
+    root = fresh_copy(sample_root, tmp_path)
+    assert extract(root, db_url) == 0
+    layout = AnimalLayout(root, "DEMO")
+    tif = sorted(layout.tif_dir.glob("*_C2.tif"))[0]
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    for typed in (str(tif), f"data/DEMO/preps/tif/{tif.name}", f"DEMO/preps/tif/{tif.name}"):
+        assert main(["how", typed, "--data-root", str(root), "--db-url", db_url]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert answer["path"] == f"DEMO/preps/tif/{tif.name}"
+        assert answer["run"]["stage"] == "extract" and answer["run"]["software_versions"]["pylibCZIrw"]
+        assert answer["checksum"] and [i["path"] for i in answer["inputs"]] == [f"DEMO/czi/{tif.name.split('_S')[0]}.czi"]
+    assert main(["how", "DEMO/nothing.tif", "--data-root", str(root), "--db-url", db_url]) == 1
+    assert "no record" in capsys.readouterr().err
