@@ -7,7 +7,6 @@ the align stage.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import numpy as np
@@ -15,32 +14,19 @@ import pytest
 import tifffile
 from sqlalchemy import select
 
-from db.models import Animal, FileLog, PipelineRun, ScanRun, Slide, SlideCziToTif
+from db.models import FileLog, PipelineRun
 from db.queries import how_was_made
 from db.session import init_db, session_scope
 from pipeline.create_pipeline import main
 from pipeline.layout import AnimalLayout
 from pipeline.publish.validate import verify_layer
+from tests.helpers_db import seed_sections
 
 ANIMAL = "NG1"
 
 
 def seed_animal(db_url: str, sections: int, resolution_um: float = 0.325, z_um: float = 20.0) -> None:
-    engine = init_db(db_url)
-    with session_scope(engine) as s:
-        s.add(Animal(prep_id=ANIMAL))
-        run = ScanRun(FK_prep_id=ANIMAL, resolution=resolution_um, zresolution=z_um, channels_per_scene=1,
-                      file_type="CZI")
-        s.add(run)
-        s.flush()
-        slide = Slide(FK_scan_run_id=run.id, slide_physical_id=1, file_name="slide1.czi", scenes=sections)
-        s.add(slide)
-        s.flush()
-        for i in range(sections):
-            s.add(SlideCziToTif(FK_slide_id=slide.id, file_name=f"slide1_S{i + 1}_C1.tif", scene_number=i + 1,
-                                scene_index=i, scene_order=i, channel=1, width=10, height=10, bbox_x=0, bbox_y=0,
-                                dtype="uint8", created=dt.datetime.now()))
-    engine.dispose()
+    seed_sections(db_url, ANIMAL, sections, resolution_um=resolution_um, z_um=z_um, dtype="uint8")
 
 
 def place_aligned(layout: AnimalLayout, count: int, height: int, width: int, downsample=True, seed=0) -> list:
