@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 from sqlalchemy import select
 
 from db.models import ScanRun, Slide, SlideCziToTif
@@ -26,17 +25,17 @@ from pipeline.atomic import atomic_path
 from pipeline.errors import SlidepipeError
 from pipeline.imaging.downsample import downsample_area
 from pipeline.imaging.display import to_display_uint8
+from pipeline.imaging.tiles import tile_grid
 from pipeline.layout import THUMBNAIL_FACTOR
 from pipeline.readers import find_gaps, natural_sorted_tiffs, open_slide
 from pipeline.runner import StageContext, Task
+from pipeline.stages.section_files import TILE, write_image, write_png, write_tiled
 
 NAME = "extract"
 VERSION = 1
 
 CZI_SUFFIXES = (".czi",)
-TILE = 512  # TIFF tile edge; bands are a multiple of it and of the thumbnail factor
-BAND_ROWS = 1024
-BIGTIFF_BYTES = 2**32 - 2**25  # switch to BigTIFF well before the classic 4 GB limit
+BAND_ROWS = 1024  # a multiple of the TIFF tile height and of the thumbnail factor
 _SLIDE_NUMBER = re.compile(r"slide[^0-9]*?(\d+)", re.IGNORECASE)
 
 
@@ -95,7 +94,6 @@ def extract_section(
         spp = scene_info.samples_per_pixel
         dtype = np.dtype(scene_info.dtype)
         shape = (height, width, spp) if spp > 1 else (height, width)
-        bigtiff = height * width * spp * dtype.itemsize > BIGTIFF_BYTES
         thumb_bands: list[np.ndarray] = []
 
         def tiles():
@@ -114,53 +112,20 @@ def extract_section(
                     )
                 band = band.astype(dtype, copy=False)
                 thumb_bands.append(downsample_area(band, THUMBNAIL_FACTOR))
-                yield from _band_tiles(band, width)
+                for y0, y1, x0, x1 in tile_grid(band.shape, TILE):
+                    yield band[y0:y1, x0:x1]
 
-        with atomic_path(Path(tif_path)) as tmp:
-            with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
-                tif.write(
-                    tiles(), shape=shape, dtype=dtype, tile=(TILE, TILE), compression="zlib",
-                    photometric="rgb" if spp > 1 else "minisblack", metadata=None,
-                    resolution=_resolution_tag(info.pixel_size_um), resolutionunit="CENTIMETER" if info.pixel_size_um else None,
-                )
+        write_tiled(tif_path, shape, dtype, tiles(), pixel_size_um=info.pixel_size_um)
     thumbnail = np.concatenate(thumb_bands, axis=0)
     all_zero = not thumbnail.any()
-    with atomic_path(Path(thumb_path)) as tmp:
-        tifffile.imwrite(tmp, thumbnail, photometric="rgb" if spp > 1 else "minisblack", compression="zlib")
+    write_image(thumb_path, thumbnail)
     if png_path:
-        import cv2
-
-        display = to_display_uint8(thumbnail)
-        if display.ndim == 3:
-            display = display[..., ::-1]  # cv2 writes BGR
-        with atomic_path(Path(png_path)) as tmp:
-            if not cv2.imwrite(str(tmp), display):
-                raise SlidepipeError("cannot write QC PNG", png_path)
+        write_png(png_path, to_display_uint8(thumbnail))
     return {
         "width": width, "height": height, "dtype": dtype.name, "samples_per_pixel": spp,
         "thumbnail_shape": list(thumbnail.shape), "seconds": round(time.perf_counter() - start, 3),
         "all_zero": all_zero,
     }
-
-
-def _band_tiles(band: np.ndarray, width: int):
-    """Tiles of one band in tifffile's row-major order, padded to full tiles at the edges."""
-    rows = band.shape[0]
-    for r in range(0, rows, TILE):
-        for c in range(0, width, TILE):
-            tile = band[r:r + TILE, c:c + TILE]
-            if tile.shape[0] != TILE or tile.shape[1] != TILE:
-                padded = np.zeros((TILE, TILE) + band.shape[2:], band.dtype)
-                padded[: tile.shape[0], : tile.shape[1]] = tile
-                tile = padded
-            yield tile
-
-
-def _resolution_tag(pixel_size_um):
-    if not pixel_size_um:
-        return None
-    px, py = pixel_size_um
-    return (1e4 / px, 1e4 / py)  # pixels per centimetre
 
 
 # ---------------------------------------------------------------------------------------
@@ -229,7 +194,7 @@ def run(ctx: StageContext) -> None:
                     "tif_path": str(tif), "thumb_path": str(thumb), "png_path": str(png) if png else None},
             inputs=[Path(row["path"])],
             outputs=[tif, thumb] + ([png] if png else []),
-            params={"z": row["z_plane"], "band_rows": BAND_ROWS, "tile": TILE, "thumbnail_factor": THUMBNAIL_FACTOR},
+            params={"z": row["z_plane"], "band_rows": BAND_ROWS, "tile": TILE[0], "thumbnail_factor": THUMBNAIL_FACTOR},
             label=f"{row['path']} (scene {row['scene_index'] + 1}, channel {row['channel']})",
         ))
     results = ctx.execute(tasks, desc="extract sections")

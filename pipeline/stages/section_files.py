@@ -135,15 +135,20 @@ def open_windows(path: str | Path) -> Iterator[tuple[WindowReader, tuple[int, ..
         yield read, shape, np.dtype(scene.dtype)
 
 
-def write_tiled(path: str | Path, shape: tuple[int, ...], dtype, tiles: Iterator[np.ndarray]) -> None:
-    """A tiled TIFF from tiles in row-major order (edge tiles may be short), atomically."""
+def write_tiled(path: str | Path, shape: tuple[int, ...], dtype, tiles: Iterator[np.ndarray],
+                pixel_size_um: tuple[float, float] | None = None) -> None:
+    """A tiled TIFF from tiles in row-major order (edge tiles may be short), atomically; with
+    the pixel size in the resolution tags when given, so other tools see the physical scale."""
     import tifffile
 
     dtype = np.dtype(dtype)
     bigtiff = int(np.prod(shape)) * dtype.itemsize > BIGTIFF_BYTES
     photometric = "rgb" if len(shape) == 3 else "minisblack"
+    scale = {}
+    if pixel_size_um:
+        scale = {"resolution": (1e4 / pixel_size_um[0], 1e4 / pixel_size_um[1]), "resolutionunit": "CENTIMETER"}
     with atomic_path(Path(path)) as tmp:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
             tif.write((pad_tile(t, TILE) for t in tiles), shape=tuple(shape), dtype=dtype, tile=TILE,
                       compression=COMPRESSION[0], compressionargs={"level": COMPRESSION[1]},
-                      photometric=photometric, metadata=None)
+                      photometric=photometric, metadata=None, **scale)
