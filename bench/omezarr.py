@@ -58,9 +58,9 @@ def child_ours(src: Path, out: Path, chunk_xyz: str, nlevels: int, threads: int 
     import ome_zarr_models.v05.image  # noqa: F401  (imports before the clock, as for ome-zarr-py)
 
     from pipeline.publish import validate_omezarr  # noqa: F401
-    from pipeline.publish.omezarr import _warm_imports, main
+    from pipeline.publish.omezarr import main, warm_imports
 
-    _warm_imports()
+    warm_imports()
     args = [str(src), str(out), "--chunk-size", chunk_xyz, "--nlevels", str(nlevels),
             "--resolution-xy", "1", "--resolution-z", "20"]
     if threads:
