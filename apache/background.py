@@ -1,5 +1,6 @@
-"""`create_pipeline serve --background | --stop | --status`: one server per data root that
-outlives the shell which started it (e.g. `make demo`), found again through a state file.
+"""The `create_pipeline serve` commands: `serve` in the foreground (`serve_forever`), and
+`--background | --stop | --status`: one server per data root that outlives the shell which
+started it (e.g. `make demo`), found again through a state file.
 
 The server runs in a supervisor process (`python -m apache.background ...`) in its own session,
 with no terminal and no inherited pipes, so neither closing the terminal nor the end of the
@@ -29,8 +30,9 @@ from typing import Iterator
 
 import psutil
 
-from apache.launcher import (SERVER_KINDS, ServeError, announce, choose_server, create_server, fallback_notice,
-                             port_in_use_message, port_is_free, print_links, server_name)
+from apache.common import (SERVER_KINDS, ServeError, announce, fallback_notice, port_in_use_message, port_is_free,
+                           print_links, server_name)
+from apache.launcher import choose_server, create_server
 from pipeline.atomic import atomic_path
 from pipeline.errors import SlidepipeError
 from pipeline.layout import server_state_dir
@@ -266,6 +268,43 @@ def server_status(data_root: str | Path) -> int:
     print(f"offline Neuroglancer client: {record.url}/v/slidepipe/"
           + (f"\nlog: {record.log}" if record.log else ""))
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = None, *, host: str = "127.0.0.1",
+                  db_url: str | None = None, public_client: str | None = None, server: str = "auto") -> int:
+    """`create_pipeline serve`: run the server in the foreground, print the links, stop on Ctrl-C
+    or SIGTERM (so `create_pipeline serve --stop` stops it too).
+
+    `db_url` is accepted for symmetry with the other commands; the links are built from the
+    published `info` files, which already carry the database's voxel sizes.
+    """
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise ServeError("data root does not exist (run the pipeline first)", data_root.absolute())
+    kind, reason = choose_server(server, data_root)
+    instance = create_server(kind, data_root, port, host=host)
+    with registration_lock(instance.data_root):
+        refuse_if_running(instance.data_root)
+        instance.start()
+        register(instance, mode="foreground")
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        announce(kind, instance.data_root, instance.url, "Ctrl-C stops", reason)
+        print_links(instance.data_root, instance.url, animal, public_client)
+        while instance.alive():
+            time.sleep(0.5)
+        raise ServeError(f"{instance.name} exited unexpectedly: {instance.error_log.strip()[-2000:]}")
+    except KeyboardInterrupt:
+        print(f"\nstopping {instance.name}", flush=True)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        instance.stop()
+        unregister(instance.data_root, os.getpid())
 
 
 # --- the supervisor -----------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TextIO
 
-from apache.launcher import (CORS_HEADERS, OFFLINE_SCRIPT, OFFLINE_SCRIPT_TAG, LocalServer, ServeError, _checked_dir,
-                             neuroglancer_client_dir, port_in_use_message, web_static_dir)
+from apache.common import (CORS_HEADERS, OFFLINE_SCRIPT, OFFLINE_SCRIPT_TAG, LocalServer, ServeError, checked_dir,
+                           neuroglancer_client_dir, port_in_use_message, web_static_dir)
 
 # What the Apache config matches: animal directory names and client file names it will map.
 ANIMAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -355,9 +355,9 @@ class FallbackServer(LocalServer):
 
     def __init__(self, data_root: str | Path, port: int = 0, client_dir: str | Path | None = None, *,
                  host: str = "127.0.0.1", gzip_header: bool = True, cors: bool = True, log: TextIO | None = None):
-        self.data_root = _checked_dir(Path(data_root), "data root")
+        self.data_root = checked_dir(Path(data_root), "data root")
         self.requested_port = int(port)
-        self.client_dir = _checked_dir(Path(client_dir) if client_dir else neuroglancer_client_dir(),
+        self.client_dir = checked_dir(Path(client_dir) if client_dir else neuroglancer_client_dir(),
                                        "Neuroglancer client directory")
         self.host = host
         self.gzip_header = gzip_header
@@ -378,7 +378,7 @@ class FallbackServer(LocalServer):
             if exc.errno == errno.EADDRINUSE:
                 raise ServeError(port_in_use_message(self.host, self.requested_port, self.name)) from None
             raise ServeError(f"the built-in fallback server did not start on {self.host}:{self.requested_port}: {exc}") from None
-        httpd.site = Site(self.data_root, self.client_dir, _checked_dir(web_static_dir(), "slidepipe web/static directory"))
+        httpd.site = Site(self.data_root, self.client_dir, checked_dir(web_static_dir(), "slidepipe web/static directory"))
         httpd.gzip_header, httpd.cors, httpd.log = self.gzip_header, self.cors, self.log
         httpd.lock, httpd.connections = threading.Lock(), set()
         self._httpd = httpd

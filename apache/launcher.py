@@ -5,7 +5,8 @@ Neuroglancer reads precomputed layers straight from a static web server, but onl
 sends gzip chunks with `Content-Encoding: gzip` under the names Neuroglancer asks for, and CORS
 headers when the viewer comes from another origin. The site template encodes those rules once;
 this module fills it in, starts `apache2 -DFOREGROUND` as a child (a daemonised Apache lingers as
-a zombie here and cannot be waited for) and stops it.
+a zombie here and cannot be waited for) and stops it. `create_server` / `choose_server` make
+either server (this one or apache.fallback); what both share is in apache.common.
 """
 
 from __future__ import annotations
@@ -30,29 +31,12 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from pipeline.errors import SlidepipeError
-
-INSTALL_HINT = "install Apache httpd: `apt-get install apache2` (Debian/Ubuntu) or your system's httpd package"
-
-OFFLINE_TOKEN = "slidepipe"
-"""The `<token>` of the offline client URL /v/<token>/ (any path segment works; this is ours)."""
-
-OFFLINE_SCRIPT = "slidepipe-offline.js"
-OFFLINE_SCRIPT_TAG = f'<script src="{OFFLINE_SCRIPT}"></script>'
-"""Put first in the client's <head> (see web/static/slidepipe-offline.js for why)."""
-
-CORS_HEADERS = [
-    ("Access-Control-Allow-Origin", "*"),
-    ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
-    ("Access-Control-Allow-Headers", "Range, If-None-Match, If-Modified-Since, Cache-Control, Content-Type"),
-    ("Access-Control-Expose-Headers",
-     "Content-Encoding, Content-Length, Content-Range, Content-Type, Accept-Ranges, ETag, Last-Modified"),
-    ("Access-Control-Max-Age", "86400"),
-    ("Access-Control-Allow-Private-Network", "true"),
-]
-"""Sent on every response by both servers (Apache: `Header always set`)."""
-
-SERVER_KINDS = ("auto", "apache", "fallback")
+from apache.common import (  # noqa: F401  (fallback_notice, server_name: callers import them from here too)
+    CORS_HEADERS, INSTALL_HINT, OFFLINE_SCRIPT_TAG, SERVER_KINDS, UNSAFE_PATH, ApacheError, LocalServer, ServeError,
+    checked_dir, fallback_notice, free_port, neuroglancer_client_dir, port_in_use_message, port_is_free, server_name,
+    web_static_dir,
+)
+from apache.fallback import FallbackServer
 
 # Module (file stem, module struct name) every slidepipe config needs; those compiled into the
 # binary (Debian: log_config, unixd) must not be loaded again.
@@ -78,18 +62,6 @@ MODULE_DIR_CANDIDATES = [
     "/opt/homebrew/lib/httpd/modules",
     "/usr/local/lib/httpd/modules",
 ]
-
-# Characters that would break a quoted path or a rewrite substitution in httpd.conf.
-_UNSAFE_PATH = re.compile(r'["$%\\\n\r{}<>]')
-
-
-class ServeError(SlidepipeError):
-    """A server (Apache or the fallback) cannot start, or its state on the data root is unusable."""
-
-
-class ApacheError(ServeError):
-    """Apache is missing, cannot start, or cannot read the data."""
-
 
 @dataclass(frozen=True)
 class Apache:
@@ -122,30 +94,6 @@ def find_apache() -> Apache:
                       f"{', '.join(MODULE_DIR_CANDIDATES)}): {INSTALL_HINT}", binary)
 
 
-def neuroglancer_client_dir() -> Path:
-    """The built Neuroglancer client shipped inside the installed `neuroglancer` package."""
-    spec = resources.files("neuroglancer") / "static" / "client"
-    path = Path(str(spec)).resolve()
-    if not (path / "index.html").is_file():
-        raise ApacheError("the installed `neuroglancer` package has no built client (static/client/index.html): "
-                          "pip install 'neuroglancer>=2.40'", path)
-    return path
-
-
-def web_static_dir() -> Path:
-    return Path(str(resources.files("web") / "static")).resolve()
-
-
-def _checked_dir(path: Path, what: str) -> Path:
-    """Absolute, symlink-free (the config refuses to follow symlinks) and safe to quote."""
-    resolved = Path(path).resolve()
-    if not resolved.is_dir():
-        raise ApacheError(f"{what} is not a directory", resolved)
-    if _UNSAFE_PATH.search(str(resolved)):
-        raise ApacheError(f"{what} path contains a character Apache configs cannot quote ({_UNSAFE_PATH.pattern})", resolved)
-    return resolved
-
-
 def _fill(template: str, values: dict[str, str]) -> str:
     text = template
     for key, value in values.items():
@@ -162,9 +110,9 @@ def _template(name: str) -> str:
 
 def render_site_config(data_root: str | Path, client_dir: str | Path | None = None) -> str:
     """The slidepipe part of the configuration: fits a system-wide Apache's <VirtualHost>."""
-    data = _checked_dir(Path(data_root), "data root")
-    client = _checked_dir(Path(client_dir) if client_dir else neuroglancer_client_dir(), "Neuroglancer client directory")
-    static = _checked_dir(web_static_dir(), "slidepipe web/static directory")
+    data = checked_dir(Path(data_root), "data root")
+    client = checked_dir(Path(client_dir) if client_dir else neuroglancer_client_dir(), "Neuroglancer client directory")
+    static = checked_dir(web_static_dir(), "slidepipe web/static directory")
     return _fill(_template("site.conf.template"), {
         "DATA_ROOT": str(data),
         "DATA_ROOT_RE": re.escape(str(data)),
@@ -187,7 +135,7 @@ def render_config(data_root: str | Path, port: int, run_dir: str | Path, *, host
     """The whole httpd.conf of a private instance whose pid file and logs live in `run_dir`."""
     apache = apache or find_apache()
     run = Path(run_dir).resolve()
-    if _UNSAFE_PATH.search(str(run)):
+    if UNSAFE_PATH.search(str(run)):
         raise ApacheError("run directory path contains a character Apache configs cannot quote", run)
     loads = module_loads(apache)
     types = 'TypesConfig "/etc/mime.types"' if Path("/etc/mime.types").is_file() else "TypesConfig /dev/null"
@@ -269,27 +217,6 @@ def unreadable_for_workers(path: Path) -> Path | None:
     return None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def port_in_use_message(host: str, port: int, server_name: str) -> str:
-    return (f"port {port} on {host} is in use by another program: {server_name} did not start "
-            f"(choose another with --port)")
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
-
-
 def _die_with_parent() -> None:
     """In the child before exec: Linux sends SIGTERM to Apache if its starter dies (even by
     SIGKILL), so a crashed test or a killed `serve` leaves no server holding the port."""
@@ -305,28 +232,6 @@ def _apache_env() -> dict[str, str]:
     return env
 
 
-class LocalServer:
-    """What ApacheServer and the fallback server (apache.fallback) share: `with` starts and
-    stops it; `url` once it runs."""
-
-    name = "the server"
-    host: str
-    port: int | None
-
-    @property
-    def url(self) -> str:
-        if self.port is None:
-            raise ServeError(f"{self.name} is not running")
-        return f"http://{self.host}:{self.port}"
-
-    def __enter__(self):
-        self.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
 class ApacheServer(LocalServer):
     """A private Apache serving `data_root` on 127.0.0.1:`port` (0: a free port) while in `with`.
 
@@ -340,7 +245,7 @@ class ApacheServer(LocalServer):
     def __init__(self, data_root: str | Path, port: int = 0, client_dir: str | Path | None = None, *,
                  host: str = "127.0.0.1", gzip_header: bool = True, cors: bool = True,
                  log_level: str = "warn", start_timeout: float = 15.0):
-        self.data_root = _checked_dir(Path(data_root), "data root")
+        self.data_root = checked_dir(Path(data_root), "data root")
         self.requested_port = int(port)
         self.client_dir = client_dir
         self.host = host
@@ -468,89 +373,5 @@ def create_server(kind: str, data_root: str | Path, port: int = 0, **options):
     if kind == "apache":
         return ApacheServer(data_root, port, **options)
     if kind == "fallback":
-        from apache.fallback import FallbackServer
-
         return FallbackServer(data_root, port, **options)
     raise ServeError(f"unknown server {kind!r}: choose apache or fallback")
-
-
-def server_name(kind: str) -> str:
-    return "Apache" if kind == "apache" else "the built-in fallback server"
-
-
-def fallback_notice(reason: str | None) -> str:
-    """What the user reads when the fallback serves: that it is one, and how to get Apache."""
-    lines = [f"slidepipe: Apache cannot serve here: {reason}"] if reason else []
-    lines.append("slidepipe: using the built-in FALLBACK server (Python standard library): the same URLs and "
-                 "headers as the Apache config, for viewing on this machine.")
-    restart = "then restart: `create_pipeline serve --stop` and serve again (or choose it with --server apache)."
-    if reason and INSTALL_HINT not in reason:  # installed, but e.g. its workers cannot read the data
-        lines.append(f"slidepipe: to serve with Apache, fix the above; {restart}")
-    else:
-        lines.append(f"slidepipe: for the real server {INSTALL_HINT}; {restart}")
-    return "\n".join(lines)
-
-
-def announce(kind: str, data_root: Path, url: str, how: str, reason: str | None = None) -> None:
-    if kind == "fallback":
-        print(fallback_notice(reason))
-    print(f"slidepipe: {server_name(kind)} serving {data_root} at {url}/<animal>/ ({how})")
-    print(f"offline Neuroglancer client: {url}/v/{OFFLINE_TOKEN}/", flush=True)
-
-
-def print_links(data_root: Path, url: str, animal: str | None = None, public_client: str | None = None) -> None:
-    """Build, store (www/neuroglancer/links.json) and print both links of `animal`, or of every
-    animal with published volumes; an animal without a link does not stop the others."""
-    from web.state import PUBLIC_NEUROGLANCER, animals_with_published_data, write_links
-
-    animals = [animal] if animal else animals_with_published_data(data_root)
-    for name in animals:
-        print(f"\n{name}:")
-        try:
-            links = write_links(data_root, name, url, public_client=public_client or PUBLIC_NEUROGLANCER)
-        except SlidepipeError as exc:
-            print(f"  no link: {exc}", flush=True)
-            continue
-        print(f"  offline: {links['offline']}")
-        print(f"  public:  {links['public']}", flush=True)
-    if not animals:
-        print("no animal has published volumes yet (www/neuroglancer_data/ or www/omezarr/)", flush=True)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
-def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = None, *, host: str = "127.0.0.1",
-                  db_url: str | None = None, public_client: str | None = None, server: str = "auto") -> int:
-    """`create_pipeline serve`: run the server in the foreground, print the links, stop on Ctrl-C
-    or SIGTERM (so `create_pipeline serve --stop` stops it too).
-
-    `db_url` is accepted for symmetry with the other commands; the links are built from the
-    published `info` files, which already carry the database's voxel sizes.
-    """
-    from apache import background
-
-    data_root = Path(data_root)
-    if not data_root.is_dir():
-        raise ServeError("data root does not exist (run the pipeline first)", data_root.absolute())
-    kind, reason = choose_server(server, data_root)
-    instance = create_server(kind, data_root, port, host=host)
-    with background.registration_lock(instance.data_root):
-        background.refuse_if_running(instance.data_root)
-        instance.start()
-        background.register(instance, mode="foreground")
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        announce(kind, instance.data_root, instance.url, "Ctrl-C stops", reason)
-        print_links(instance.data_root, instance.url, animal, public_client)
-        while instance.alive():
-            time.sleep(0.5)
-        raise ServeError(f"{instance.name} exited unexpectedly: {instance.error_log.strip()[-2000:]}")
-    except KeyboardInterrupt:
-        print(f"\nstopping {instance.name}", flush=True)
-        return 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        instance.stop()
-        background.unregister(instance.data_root, os.getpid())

@@ -308,7 +308,6 @@ def _serve(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     settings = settings_from(args)
     from apache import background
-    from apache.launcher import serve_forever
 
     if args.stop:
         return background.stop_server(settings.data_root)
@@ -316,8 +315,8 @@ def _serve(argv: list[str]) -> int:
         return background.server_status(settings.data_root)
     if args.background:
         return background.start_background(settings.data_root, args.port, args.server, animal=args.animal)
-    return serve_forever(settings.data_root, args.port, animal=args.animal, db_url=settings.database_url,
-                         server=args.server) or 0
+    return background.serve_forever(settings.data_root, args.port, animal=args.animal, db_url=settings.database_url,
+                                    server=args.server) or 0
 
 
 def _worker(argv: list[str]) -> int:
