@@ -32,8 +32,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from pipeline.atomic import atomic_path
-from pipeline.errors import SlidepipeError
 from pipeline.imaging.pyramid import PyramidPlan, plan_pyramid
+from pipeline.publish.common import PROVENANCE_STEP, PrecomputedError, SectionRows, open_section
+from pipeline.publish.validate import verify_layer
 
 RECHUNKME_CHUNK = (64, 64, 1)
 """Step 1 chunks: one section plane per chunk, so each section task writes only its own files."""
@@ -49,15 +50,9 @@ DEFAULT_MEMORY_TARGET = 512 * 1024**2
 ROW_BAND_BYTES = 64 * 1024**2
 """Step 1 reads and writes a section in bands of rows of about this size, never whole."""
 
-PROVENANCE_STEP = "slidepipe.precomputed"
-
 SUPPORTED_DTYPES = ("uint8", "uint16")
 
 log = logging.getLogger("slidepipe")
-
-
-class PrecomputedError(SlidepipeError):
-    """A stack cannot be published, or a published layer is not what it should be."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -71,39 +66,6 @@ class StackShape:
     depth: int
     dtype: str
     channels: int
-
-
-@contextlib.contextmanager
-def open_section(path: str | Path) -> Iterator["SectionRows"]:
-    """A section TIFF whose rows can be read a band at a time.
-
-    Full-resolution sections can be 60k x 40k px, so nobody should load one whole; the TIFF
-    reader decodes only the strips or tiles a band touches.
-    """
-    from pipeline.readers.tiff import TiffReader
-
-    with TiffReader(path) as reader:
-        yield SectionRows(reader)
-
-
-class SectionRows:
-    """Rows of a one-channel (grey or RGB) section as (rows, width, samples) arrays."""
-
-    def __init__(self, reader):
-        scene = reader.info().scenes[0]
-        self.path = Path(reader.path)
-        if len(scene.channels) != 1 or scene.z_planes != 1:
-            raise PrecomputedError(
-                f"{len(scene.channels)} channels x {scene.z_planes} z planes in one file; an aligned section "
-                "file holds one channel of one section", self.path)
-        self._reader = reader
-        self.width, self.height = int(scene.width), int(scene.height)
-        self.channels = int(scene.samples_per_pixel)
-        self.dtype = np.dtype(scene.dtype)
-
-    def rows(self, y0: int, y1: int) -> np.ndarray:
-        data = self._reader.read_region(0, 1, 0, y0, self.width, y1 - y0)
-        return data[:, :, None] if data.ndim == 2 else data
 
 
 def inspect_stack(paths: Sequence[str | Path]) -> StackShape:
@@ -449,20 +411,6 @@ def write_provenance(layer_dir: str | Path, description: str, step: Mapping[str,
     vol.commit_provenance()
 
 
-def read_rounds(layer_dir: str | Path) -> list[dict] | None:
-    """The pyramid rounds recorded by `publish_layer` in the provenance file, if any."""
-    path = Path(layer_dir) / "provenance"
-    try:
-        prov = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    for entry in reversed(prov.get("processing", [])):
-        method = entry.get("method", {}) if isinstance(entry, dict) else {}
-        if method.get("task") == PROVENANCE_STEP and "rounds" in method:
-            return method["rounds"]
-    return None
-
-
 # ------------------------------------------------------------------------------------------
 # the whole thing, for one stack (the stage splits step 1 into runner tasks instead)
 def create_rechunkme_layer(layer_dir: str | Path, stack: StackShape, voxel_nm: Sequence[float],
@@ -497,8 +445,6 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
     The final layer is built under a temporary name next to `dest_dir`, so an interrupted or
     unverified build never looks published. Returns the result recorded in file_log.
     """
-    from pipeline.publish.validate import verify_layer
-
     dest_dir = Path(dest_dir)
     stack = inspect_stack(sections)
     with atomic_path(dest_dir) as tmp:

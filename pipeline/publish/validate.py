@@ -21,6 +21,7 @@ import numpy as np
 
 from pipeline.errors import SlidepipeError
 from pipeline.imaging.pyramid import block_mean_floor
+from pipeline.publish.common import open_section, read_rounds
 
 
 class LayerVerificationError(SlidepipeError):
@@ -154,8 +155,6 @@ class SectionCache:
         self._open: OrderedDict[int, tuple] = OrderedDict()
 
     def get(self, z: int):
-        from pipeline.publish.precomputed import open_section
-
         if z in self._open:
             self._open.move_to_end(z)
             return self._open[z][1]
@@ -265,8 +264,6 @@ def verify_layer(layer_dir: str | Path, sections: Sequence[str | Path], rounds: 
     or read from the provenance file when omitted) allow an exact check of each level. Raises
     LayerVerificationError listing the problems; returns the per-mip manifests.
     """
-    from pipeline.publish.precomputed import read_rounds
-
     layer_dir = Path(layer_dir)
     info = load_info(layer_dir)
     if rounds is None:
