@@ -30,8 +30,8 @@ from typing import Iterator
 
 import psutil
 
-from apache.common import (SERVER_KINDS, ServeError, announce, fallback_notice, port_in_use_message, port_is_free,
-                           print_links, server_name)
+from apache.common import (SERVER_KINDS, CorsPolicy, ServeError, announce, fallback_notice, port_in_use_message,
+                           port_is_free, print_links, server_name)
 from apache.launcher import choose_server, create_server
 from pipeline.atomic import atomic_path
 from pipeline.errors import SlidepipeError
@@ -52,6 +52,7 @@ class ServerRecord:
     data_root: str
     mode: str             # "background" | "foreground"
     log: str | None = None
+    cors_origins: str | None = None   # the --cors-origins setting it serves with (None: the default)
 
     def describe(self) -> str:
         return f"{server_name(self.server)} (pid {self.pid}, {self.mode}) at {self.url}"
@@ -110,10 +111,10 @@ def running_server(data_root: str | Path) -> ServerRecord | None:
     return None
 
 
-def register(server, mode: str, log: Path | None = None) -> ServerRecord:
+def register(server, mode: str, log: Path | None = None, cors_origins: str | None = None) -> ServerRecord:
     record = ServerRecord(pid=os.getpid(), started=psutil.Process().create_time(), server=server.kind,
                           host=server.host, port=server.port, url=server.url, data_root=str(server.data_root),
-                          mode=mode, log=None if log is None else str(log))
+                          mode=mode, log=None if log is None else str(log), cors_origins=cors_origins or None)
     with atomic_path(state_file(server.data_root)) as tmp:
         tmp.write_text(json.dumps(asdict(record), indent=2) + "\n")
     return record
@@ -147,10 +148,11 @@ def answers(url: str, timeout: float = 2.0) -> bool:
 # --- the commands -------------------------------------------------------------------------------
 
 def start_background(data_root: str | Path, port: int = 8080, server: str = "auto", *, host: str = "127.0.0.1",
-                     animal: str | None = None, public_client: str | None = None,
+                     animal: str | None = None, public_client: str | None = None, cors_origins: str | None = None,
                      timeout: float = START_TIMEOUT) -> int:
     """`serve --background`: start the detached server (or reuse the running one), wait until it
-    answers, print the URL and the links."""
+    answers, print the URL and the links. `cors_origins`: see CorsPolicy.from_setting."""
+    cors = CorsPolicy.from_setting(cors_origins)
     root = Path(data_root).absolute()
     if not root.is_dir():
         raise ServeError("data root does not exist (run the pipeline first)", root)
@@ -163,6 +165,9 @@ def start_background(data_root: str | Path, port: int = 8080, server: str = "aut
                                  f"stop it with `create_pipeline serve --stop --data-root {root}`")
             note = f" (on port {record.port}, not {port}: stop it first to change the port)" \
                 if port and port != record.port else ""
+            if CorsPolicy.from_setting(record.cors_origins) != cors:
+                note += (f" (it lets {CorsPolicy.from_setting(record.cors_origins).describe()} read the data, "
+                         f"not {cors.describe()}: stop it first to change that)")
             print(f"slidepipe: a server already runs for this data root: reusing it{note}")
             _print_started(record, root, None)
             print_links(root, record.url, animal, public_client)
@@ -170,7 +175,7 @@ def start_background(data_root: str | Path, port: int = 8080, server: str = "aut
         kind, reason = choose_server(server, root)
         if port and not port_is_free(host, port):
             raise ServeError(port_in_use_message(host, port, server_name(kind)))
-        record = _spawn(root, port, kind, host, timeout)
+        record = _spawn(root, port, kind, host, cors_origins, timeout)
     _print_started(record, root, reason)
     print_links(root, record.url, animal, public_client)
     return 0
@@ -178,19 +183,20 @@ def start_background(data_root: str | Path, port: int = 8080, server: str = "aut
 
 def _print_started(record: ServerRecord, root: Path, reason: str | None) -> None:
     where = "in the background" if record.mode == "background" else "in the foreground of another command"
-    announce(record.server, root, record.url, f"{where}, pid {record.pid}", reason)
+    announce(record.server, root, record.url, f"{where}, pid {record.pid}", reason,
+             CorsPolicy.from_setting(record.cors_origins))
     print(f"stop it with: create_pipeline serve --stop --data-root {root}"
           + (f"  (log: {record.log})" if record.log else ""), flush=True)
 
 
-def _spawn(root: Path, port: int, kind: str, host: str, timeout: float) -> ServerRecord:
+def _spawn(root: Path, port: int, kind: str, host: str, cors_origins: str | None, timeout: float) -> ServerRecord:
     """Start the supervisor in a new session and wait for it to register and answer."""
     log = log_file(root)
     project = str(Path(__file__).resolve().parent.parent)
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(p for p in (project, os.environ.get("PYTHONPATH")) if p))
     command = [sys.executable, "-m", "apache.background", "--data-root", str(root), "--port", str(port),
-               "--server", kind, "--host", host]
+               "--server", kind, "--host", host] + (["--cors-origins", cors_origins] if cors_origins else [])
     with open(log, "wb") as output:
         child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                                  cwd="/", env=env, start_new_session=True, close_fds=True)
@@ -275,7 +281,8 @@ def _interrupt(signum, frame) -> None:
 
 
 def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = None, *, host: str = "127.0.0.1",
-                  db_url: str | None = None, public_client: str | None = None, server: str = "auto") -> int:
+                  db_url: str | None = None, public_client: str | None = None, server: str = "auto",
+                  cors_origins: str | None = None) -> int:
     """`create_pipeline serve`: run the server in the foreground, print the links, stop on Ctrl-C
     or SIGTERM (so `create_pipeline serve --stop` stops it too).
 
@@ -286,14 +293,14 @@ def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = 
     if not data_root.is_dir():
         raise ServeError("data root does not exist (run the pipeline first)", data_root.absolute())
     kind, reason = choose_server(server, data_root)
-    instance = create_server(kind, data_root, port, host=host)
+    instance = create_server(kind, data_root, port, host=host, cors_origins=cors_origins)
     with registration_lock(instance.data_root):
         refuse_if_running(instance.data_root)
         instance.start()
-        register(instance, mode="foreground")
+        register(instance, mode="foreground", cors_origins=cors_origins)
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        announce(kind, instance.data_root, instance.url, "Ctrl-C stops", reason)
+        announce(kind, instance.data_root, instance.url, "Ctrl-C stops", reason, instance.cors_policy)
         print_links(instance.data_root, instance.url, animal, public_client)
         while instance.alive():
             time.sleep(0.5)
@@ -309,7 +316,7 @@ def serve_forever(data_root: str | Path, port: int = 8080, animal: str | None = 
 
 # --- the supervisor -----------------------------------------------------------------------------
 
-def supervise(data_root: Path, port: int, kind: str, host: str) -> int:
+def supervise(data_root: Path, port: int, kind: str, host: str, cors_origins: str | None = None) -> int:
     """Run the server until SIGTERM/SIGINT; registered while it runs."""
     stop = threading.Event()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -317,13 +324,13 @@ def supervise(data_root: Path, port: int, kind: str, host: str) -> int:
         signal.signal(signum, lambda *_: stop.set())
     options = {"log": sys.stderr} if kind == "fallback" else {}
     try:
-        server = create_server(kind, data_root, port, host=host, **options)
+        server = create_server(kind, data_root, port, host=host, cors_origins=cors_origins, **options)
         server.start()
     except SlidepipeError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     try:
-        register(server, mode="background", log=log_file(data_root))
+        register(server, mode="background", log=log_file(data_root), cors_origins=cors_origins)
         print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {server.name} serving {server.data_root} at {server.url} "
               f"(pid {os.getpid()})", flush=True)
         while server.alive() and not stop.wait(0.5):
@@ -345,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--server", choices=[k for k in SERVER_KINDS if k != "auto"], required=True)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--cors-origins", default=None)
     args = parser.parse_args(argv)
-    return supervise(args.data_root.resolve(), args.port, args.server, args.host)
+    return supervise(args.data_root.resolve(), args.port, args.server, args.host, args.cors_origins)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 import socket
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 from pipeline.errors import SlidepipeError
 
@@ -23,7 +25,6 @@ OFFLINE_SCRIPT_TAG = f'<script src="{OFFLINE_SCRIPT}"></script>'
 """Put first in the client's <head> (see web/static/slidepipe-offline.js for why)."""
 
 CORS_HEADERS = [
-    ("Access-Control-Allow-Origin", "*"),
     ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
     ("Access-Control-Allow-Headers", "Range, If-None-Match, If-Modified-Since, Cache-Control, Content-Type"),
     ("Access-Control-Expose-Headers",
@@ -31,7 +32,83 @@ CORS_HEADERS = [
     ("Access-Control-Max-Age", "86400"),
     ("Access-Control-Allow-Private-Network", "true"),
 ]
-"""Sent on every response by both servers (Apache: `Header always set`)."""
+"""Sent by both servers, after `Access-Control-Allow-Origin`, on every response to an origin the
+CorsPolicy allows (errors included); to any other origin none of them."""
+
+ALLOW_ALL_ORIGINS = "*"
+
+LOOPBACK_ORIGINS = r"http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]{1,5})?"
+"""Pages served from this machine: the offline client of a private server (http://127.0.0.1:PORT)
+and neuroglancer.Viewer, whose Python server gives the client a loopback origin of its own."""
+
+
+def public_client_origin() -> str:
+    """The origin of the public Neuroglancer the printed `public:` links open."""
+    import urllib.parse
+
+    from web.state import PUBLIC_NEUROGLANCER
+
+    parts = urllib.parse.urlsplit(PUBLIC_NEUROGLANCER)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    """Which web pages may read what a server serves: the one rule both servers apply.
+
+    By default the origins Neuroglancer is used from: loopback pages (LOOPBACK_ORIGINS) and the
+    public Neuroglancer of the printed links; `extra` adds origins (e.g. a lab's own Neuroglancer
+    deployment); `allow_all` answers every origin, for a public deployment of public data. A page
+    from any other origin gets no CORS header at all, so the browser keeps the data from it.
+    """
+
+    extra: tuple[str, ...] = ()
+    allow_all: bool = False
+
+    @classmethod
+    def from_setting(cls, setting: "str | Sequence[str] | CorsPolicy | None") -> "CorsPolicy":
+        """`None`/"": the default; "*": every origin; else origins separated by commas or spaces."""
+        if isinstance(setting, CorsPolicy):
+            return setting
+        items = setting.replace(",", " ").split() if isinstance(setting, str) else list(setting or ())
+        if ALLOW_ALL_ORIGINS in items:
+            if len(items) > 1:
+                raise ServeError(f"CORS origins: '*' allows every origin and cannot be combined with others: {items}")
+            return cls(allow_all=True)
+        bad = [o for o in items if not _ORIGIN.fullmatch(o.rstrip("/"))]
+        if bad:
+            raise ServeError(f"CORS origins must look like https://host[:port] (scheme, host, optional port, "
+                             f"no path), or be '*' for all: {bad}")
+        return cls(extra=tuple(o.rstrip("/") for o in items))
+
+    @property
+    def pattern(self) -> str:
+        """An anchored regular expression of the allowed origins (Apache's SetEnvIf uses it too)."""
+        if self.allow_all:
+            return ".+"
+        exact = [re.escape(o) for o in (public_client_origin(), *self.extra)]
+        return "^(" + "|".join([LOOPBACK_ORIGINS, *exact]) + ")$"
+
+    def allows(self, origin: str | None) -> bool:
+        return bool(origin) and re.match(self.pattern, origin) is not None
+
+    def headers(self, origin: str | None) -> list[tuple[str, str]]:
+        """The CORS headers of a response to a request from `origin` (the Origin header)."""
+        if self.allow_all:
+            return [("Access-Control-Allow-Origin", "*"), *CORS_HEADERS]
+        if not self.allows(origin):
+            return [("Vary", "Origin")]
+        return [("Access-Control-Allow-Origin", origin), *CORS_HEADERS, ("Vary", "Origin")]
+
+    def describe(self) -> str:
+        if self.allow_all:
+            return "every origin (*)"
+        return ", ".join(["loopback pages (http://127.0.0.1:*, http://localhost:*)", public_client_origin(),
+                          *self.extra])
+
 
 SERVER_KINDS = ("auto", "apache", "fallback")
 
@@ -131,10 +208,12 @@ def fallback_notice(reason: str | None) -> str:
     return "\n".join(lines)
 
 
-def announce(kind: str, data_root: Path, url: str, how: str, reason: str | None = None) -> None:
+def announce(kind: str, data_root: Path, url: str, how: str, reason: str | None = None,
+             cors: CorsPolicy | None = None) -> None:
     if kind == "fallback":
         print(fallback_notice(reason))
     print(f"slidepipe: {server_name(kind)} serving {data_root} at {url}/<animal>/ ({how})")
+    print(f"web pages that may read it (CORS): {(cors or CorsPolicy()).describe()}")
     print(f"offline Neuroglancer client: {url}/v/{OFFLINE_TOKEN}/", flush=True)
 
 

@@ -3,8 +3,8 @@
 `create_pipeline serve` uses it when Apache httpd is not installed (or with `--server fallback`),
 so a machine without apache2 still gets working Neuroglancer links. It follows the rules of
 `site.conf.template` that Neuroglancer depends on: the same URL scheme, `<chunk>` answered from
-`<chunk>.gz` with `Content-Encoding: gzip`, CORS on every response and preflight, metadata as
-JSON, single byte ranges, only GET/HEAD/OPTIONS, no listings, no symlinks, nothing outside the
+`<chunk>.gz` with `Content-Encoding: gzip`, CORS (apache.common.CorsPolicy) on every response
+and preflight, metadata as JSON, single byte ranges, only GET/HEAD/OPTIONS, no listings, no symlinks, nothing outside the
 `www/` trees, and the offline client with the script that silences its "Disconnected" notice.
 It is meant for viewing on one machine; Apache remains the server for anything more.
 """
@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TextIO
 
-from apache.common import (CORS_HEADERS, OFFLINE_SCRIPT, OFFLINE_SCRIPT_TAG, LocalServer, ServeError, checked_dir,
+from apache.common import (OFFLINE_SCRIPT, OFFLINE_SCRIPT_TAG, CorsPolicy, LocalServer, ServeError, checked_dir,
                            neuroglancer_client_dir, port_in_use_message, web_static_dir)
 
 # What the Apache config matches: animal directory names and client file names it will map.
@@ -184,8 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def end_headers(self) -> None:
-        if self.server.cors:
-            for name, value in CORS_HEADERS:
+        if self.server.cors is not None:
+            for name, value in self.server.cors.headers(self.headers.get("Origin")):
                 self.send_header(name, value)
         super().end_headers()
 
@@ -206,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(send_body=False)
 
     def do_OPTIONS(self) -> None:
-        if self.server.cors:            # a CORS preflight, answered for every path
+        if self.server.cors is not None:  # a CORS preflight, answered for every path
             self.send_response(204)
         else:
             self.send_response(200)
@@ -354,7 +354,8 @@ class FallbackServer(LocalServer):
     name = "the built-in fallback server"
 
     def __init__(self, data_root: str | Path, port: int = 0, client_dir: str | Path | None = None, *,
-                 host: str = "127.0.0.1", gzip_header: bool = True, cors: bool = True, log: TextIO | None = None):
+                 host: str = "127.0.0.1", gzip_header: bool = True, cors: bool = True,
+                 cors_origins: str | CorsPolicy | None = None, log: TextIO | None = None):
         self.data_root = checked_dir(Path(data_root), "data root")
         self.requested_port = int(port)
         self.client_dir = checked_dir(Path(client_dir) if client_dir else neuroglancer_client_dir(),
@@ -362,6 +363,7 @@ class FallbackServer(LocalServer):
         self.host = host
         self.gzip_header = gzip_header
         self.cors = cors
+        self.cors_policy = CorsPolicy.from_setting(cors_origins)
         self.log = log
         self.port: int | None = None
         self._httpd: _HTTPServer | None = None
@@ -379,7 +381,8 @@ class FallbackServer(LocalServer):
                 raise ServeError(port_in_use_message(self.host, self.requested_port, self.name)) from None
             raise ServeError(f"the built-in fallback server did not start on {self.host}:{self.requested_port}: {exc}") from None
         httpd.site = Site(self.data_root, self.client_dir, checked_dir(web_static_dir(), "slidepipe web/static directory"))
-        httpd.gzip_header, httpd.cors, httpd.log = self.gzip_header, self.cors, self.log
+        httpd.gzip_header, httpd.log = self.gzip_header, self.log
+        httpd.cors = self.cors_policy if self.cors else None
         httpd.lock, httpd.connections = threading.Lock(), set()
         self._httpd = httpd
         self.port = httpd.server_address[1]

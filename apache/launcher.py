@@ -32,8 +32,8 @@ from importlib import resources
 from pathlib import Path
 
 from apache.common import (  # noqa: F401  (fallback_notice, server_name: callers import them from here too)
-    CORS_HEADERS, INSTALL_HINT, OFFLINE_SCRIPT_TAG, SERVER_KINDS, UNSAFE_PATH, ApacheError, LocalServer, ServeError,
-    checked_dir, fallback_notice, free_port, neuroglancer_client_dir, port_in_use_message, port_is_free, server_name,
+    CORS_HEADERS, INSTALL_HINT, OFFLINE_SCRIPT_TAG, SERVER_KINDS, UNSAFE_PATH, ApacheError, CorsPolicy, LocalServer,
+    ServeError, checked_dir, fallback_notice, free_port, neuroglancer_client_dir, port_in_use_message, port_is_free, server_name,
     web_static_dir,
 )
 from apache.fallback import FallbackServer
@@ -49,6 +49,7 @@ REQUIRED_MODULES = [
     ("rewrite", "rewrite_module"),
     ("headers", "headers_module"),
     ("allowmethods", "allowmethods_module"),
+    ("setenvif", "setenvif_module"),
     ("filter", "filter_module"),
     ("substitute", "substitute_module"),
 ]
@@ -108,8 +109,26 @@ def _template(name: str) -> str:
     return (resources.files("apache") / name).read_text(encoding="utf-8")
 
 
-def render_site_config(data_root: str | Path, client_dir: str | Path | None = None) -> str:
-    """The slidepipe part of the configuration: fits a system-wide Apache's <VirtualHost>."""
+def cors_config(cors: CorsPolicy) -> str:
+    """The CORS part of the site config: the headers of `CorsPolicy.headers`, as Apache sends them.
+    Restricted, SetEnvIf remembers an allowed Origin and every header is sent only then."""
+    if cors.allow_all:
+        return "\n".join(f'    Header always set {name} "{value}"'
+                         for name, value in [("Access-Control-Allow-Origin", "*"), *CORS_HEADERS])
+    pattern = cors.pattern
+    if '"' in pattern:
+        raise ApacheError(f"CORS origin pattern cannot be quoted for Apache: {pattern}")
+    lines = [f'    SetEnvIf Origin "{pattern}" SLIDEPIPE_CORS_ORIGIN=$1',
+             '    Header always set Access-Control-Allow-Origin "%{SLIDEPIPE_CORS_ORIGIN}e" env=SLIDEPIPE_CORS_ORIGIN']
+    lines += [f'    Header always set {name} "{value}" env=SLIDEPIPE_CORS_ORIGIN' for name, value in CORS_HEADERS]
+    lines.append('    Header always merge Vary "Origin"')
+    return "\n".join(lines)
+
+
+def render_site_config(data_root: str | Path, client_dir: str | Path | None = None,
+                       cors_origins: str | CorsPolicy | None = None) -> str:
+    """The slidepipe part of the configuration: fits a system-wide Apache's <VirtualHost>.
+    `cors_origins`: see CorsPolicy.from_setting (None: the default origins; "*": all)."""
     data = checked_dir(Path(data_root), "data root")
     client = checked_dir(Path(client_dir) if client_dir else neuroglancer_client_dir(), "Neuroglancer client directory")
     static = checked_dir(web_static_dir(), "slidepipe web/static directory")
@@ -118,20 +137,22 @@ def render_site_config(data_root: str | Path, client_dir: str | Path | None = No
         "DATA_ROOT_RE": re.escape(str(data)),
         "CLIENT_DIR": str(client),
         "WEB_STATIC": str(static),
-        "CORS_HEADERS": "\n".join(f'    Header always set {name} "{value}"' for name, value in CORS_HEADERS),
+        "CORS_HEADERS": cors_config(CorsPolicy.from_setting(cors_origins)),
         "OFFLINE_SCRIPT_TAG": OFFLINE_SCRIPT_TAG.replace('"', '\\"'),
     })
 
 
-def render_virtual_host(data_root: str | Path, port: int = 8080, client_dir: str | Path | None = None) -> str:
+def render_virtual_host(data_root: str | Path, port: int = 8080, client_dir: str | Path | None = None,
+                        cors_origins: str | CorsPolicy | None = None) -> str:
     """A complete sites-available file for a system-wide Apache (see docs/serving-and-viewing.md)."""
-    site = render_site_config(data_root, client_dir)
+    site = render_site_config(data_root, client_dir, cors_origins)
     indented = "\n".join(("    " + line) if line else line for line in site.splitlines())
     return f"Listen {port}\n<VirtualHost *:{port}>\n{indented}\n</VirtualHost>\n"
 
 
 def render_config(data_root: str | Path, port: int, run_dir: str | Path, *, host: str = "127.0.0.1",
-                  client_dir: str | Path | None = None, log_level: str = "warn", apache: Apache | None = None) -> str:
+                  client_dir: str | Path | None = None, log_level: str = "warn", apache: Apache | None = None,
+                  cors_origins: str | CorsPolicy | None = None) -> str:
     """The whole httpd.conf of a private instance whose pid file and logs live in `run_dir`."""
     apache = apache or find_apache()
     run = Path(run_dir).resolve()
@@ -147,7 +168,7 @@ def render_config(data_root: str | Path, port: int, run_dir: str | Path, *, host
         "LOAD_MODULES": "\n".join(loads),
         "LOG_LEVEL": log_level,
         "TYPES_CONFIG": types,
-        "SITE": render_site_config(data_root, client_dir),
+        "SITE": render_site_config(data_root, client_dir, cors_origins),
     })
 
 
@@ -244,13 +265,14 @@ class ApacheServer(LocalServer):
 
     def __init__(self, data_root: str | Path, port: int = 0, client_dir: str | Path | None = None, *,
                  host: str = "127.0.0.1", gzip_header: bool = True, cors: bool = True,
-                 log_level: str = "warn", start_timeout: float = 15.0):
+                 cors_origins: str | CorsPolicy | None = None, log_level: str = "warn", start_timeout: float = 15.0):
         self.data_root = checked_dir(Path(data_root), "data root")
         self.requested_port = int(port)
         self.client_dir = client_dir
         self.host = host
         self.gzip_header = gzip_header
         self.cors = cors
+        self.cors_policy = CorsPolicy.from_setting(cors_origins)
         self.log_level = log_level
         self.start_timeout = start_timeout
         self.port: int | None = None
@@ -274,7 +296,8 @@ class ApacheServer(LocalServer):
             self.run_dir = Path(tempfile.mkdtemp(prefix="slidepipe-httpd-"))
             conf = self.run_dir / "httpd.conf"
             conf.write_text(render_config(self.data_root, port, self.run_dir, host=self.host,
-                                          client_dir=self.client_dir, log_level=self.log_level, apache=apache))
+                                          client_dir=self.client_dir, log_level=self.log_level, apache=apache,
+                                          cors_origins=self.cors_policy))
             defines = []
             if not self.gzip_header:
                 defines += ["-D", "SLIDEPIPE_NO_GZIP_HEADER"]

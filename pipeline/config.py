@@ -30,6 +30,7 @@ class Settings:
     workers: int = field(default_factory=default_workers)
     queue_url: str | None = None
     debug: bool = False
+    cors_origins: str | None = None  # `serve`: extra web origins that may read the data, or "*" (apache.common.CorsPolicy)
 
     @property
     def database_url(self) -> str:

@@ -98,7 +98,8 @@ class _DedupGroup:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    flags = {name: getattr(args, name, None) for name in ("data_root", "db_url", "workers", "queue_url", "debug")}
+    flags = {name: getattr(args, name, None)
+             for name in ("data_root", "db_url", "workers", "queue_url", "debug", "cors_origins")}
     return Settings.load(flags, config_file=getattr(args, "config", None))
 
 
@@ -297,6 +298,10 @@ def _serve(argv: list[str]) -> int:
     parser.add_argument("--server", choices=("auto", "apache", "fallback"), default="auto",
                         help="auto (default): Apache when it is installed and can read the data, else the built-in "
                              "fallback server (Python standard library)")
+    parser.add_argument("--cors-origins", default=None, metavar="ORIGINS",
+                        help="web pages (origins, e.g. https://viewer.example.org) besides loopback pages and the public "
+                             "Neuroglancer that may read the data, separated by commas; '*': every origin, for a public "
+                             "deployment (setting cors_origins, SLIDEPIPE_CORS_ORIGINS)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--background", action="store_true",
                       help="start detached (survives this shell), print the links and return; a server already "
@@ -314,9 +319,10 @@ def _serve(argv: list[str]) -> int:
     if args.status:
         return background.server_status(settings.data_root)
     if args.background:
-        return background.start_background(settings.data_root, args.port, args.server, animal=args.animal)
+        return background.start_background(settings.data_root, args.port, args.server, animal=args.animal,
+                                           cors_origins=settings.cors_origins)
     return background.serve_forever(settings.data_root, args.port, animal=args.animal, db_url=settings.database_url,
-                                    server=args.server) or 0
+                                    server=args.server, cors_origins=settings.cors_origins) or 0
 
 
 def _worker(argv: list[str]) -> int:

@@ -18,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from apache.launcher import ApacheServer, create_server, render_config, render_virtual_host
+from apache.launcher import ApacheServer, ServeError, create_server, render_config, render_virtual_host
 from tests.helpers_browser import asymmetric_section, require_apache, servable_dir, write_gzip_layer
 
 ANIMAL = "DK1"
 SECRET = "not-for-the-web"
+PUBLIC = "https://neuroglancer-demo.appspot.com"   # the public Neuroglancer web.state links to
+ELSEWHERE = "https://elsewhere.example.com"          # any other web page
 SERVERS = [pytest.param("apache", marks=pytest.mark.apache), "fallback"]
 
 
@@ -97,12 +99,12 @@ def test_gzip_chunk_served_at_extensionless_url_with_content_encoding(server, da
 
 
 def test_info_is_json_with_cors(server, data_root):
-    response = request(server, "GET", f"/{ANIMAL}/neuroglancer_data/C1/info", {"Origin": "http://elsewhere.test"})
+    response = request(server, "GET", f"/{ANIMAL}/neuroglancer_data/C1/info", {"Origin": PUBLIC})
     assert response.status == 200
     assert response.getheader("Content-Type") == "application/json"
     assert response.getheader("Content-Encoding") is None
     assert json.loads(response.body) == json.loads((data_root / ANIMAL / "www/neuroglancer_data/C1/info").read_text())
-    assert response.getheader("Access-Control-Allow-Origin") == "*"
+    assert response.getheader("Access-Control-Allow-Origin") == PUBLIC
     exposed = {h.strip().lower() for h in response.getheader("Access-Control-Expose-Headers").split(",")}
     assert {"content-encoding", "content-length", "content-range"} <= exposed
     provenance = request(server, "GET", f"/{ANIMAL}/neuroglancer_data/C1/provenance")
@@ -110,26 +112,74 @@ def test_info_is_json_with_cors(server, data_root):
 
 
 def test_cors_on_chunk_get_and_preflight(server):
-    get = request(server, "GET", chunk_path(0, 64, 0, 64, 0, 1), {"Origin": "https://neuroglancer-demo.appspot.com"})
-    assert get.getheader("Access-Control-Allow-Origin") == "*"
+    get = request(server, "GET", chunk_path(0, 64, 0, 64, 0, 1), {"Origin": PUBLIC})
+    assert get.getheader("Access-Control-Allow-Origin") == PUBLIC
     preflight = request(server, "OPTIONS", chunk_path(0, 64, 0, 64, 0, 1), {
-        "Origin": "https://neuroglancer-demo.appspot.com",
+        "Origin": PUBLIC,
         "Access-Control-Request-Method": "GET",
         "Access-Control-Request-Headers": "range",
         "Access-Control-Request-Private-Network": "true",
     })
     assert preflight.status in (200, 204)
-    assert preflight.getheader("Access-Control-Allow-Origin") == "*"
+    assert preflight.getheader("Access-Control-Allow-Origin") == PUBLIC
     assert "GET" in preflight.getheader("Access-Control-Allow-Methods")
     assert "range" in preflight.getheader("Access-Control-Allow-Headers").lower()
     assert preflight.getheader("Access-Control-Allow-Private-Network") == "true"
 
 
+CORS = ("Access-Control-Allow-Origin", "Access-Control-Allow-Methods", "Access-Control-Expose-Headers",
+        "Access-Control-Allow-Private-Network")
+
+
+@pytest.mark.parametrize("origin", [PUBLIC, "http://127.0.0.1:8765", "http://localhost:8765"])
+def test_cors_lets_the_viewer_origins_read(server, origin):
+    """The public Neuroglancer of the links, and loopback pages: the offline client of a private
+    server and neuroglancer.Viewer (its Python server has a loopback origin of its own)."""
+    for path in (f"/{ANIMAL}/neuroglancer_data/C1/info", chunk_path(0, 64, 0, 64, 7, 8)):  # 200 and 404
+        response = request(server, "GET", path, {"Origin": origin})
+        assert response.getheader("Access-Control-Allow-Origin") == origin, path
+        assert "origin" in response.getheader("Vary", "").lower(), "caches must keep answers per origin"
+
+
+@pytest.mark.parametrize("origin", [ELSEWHERE, PUBLIC + ".example.com", "http://127.0.0.1.example.com:80", "null"])
+def test_cors_refuses_any_other_web_page(server, origin):
+    """A page from anywhere else gets no CORS header on any answer, so the browser does not let
+    it read the data (nor, without Access-Control-Allow-Private-Network, reach the loopback
+    server at all from a public page)."""
+    answers = [request(server, "GET", f"/{ANIMAL}/neuroglancer_data/C1/info", {"Origin": origin}),
+               request(server, "GET", chunk_path(0, 64, 0, 64, 0, 1), {"Origin": origin}),
+               request(server, "GET", chunk_path(0, 64, 0, 64, 7, 8), {"Origin": origin}),
+               request(server, "PUT", f"/{ANIMAL}/neuroglancer_data/C1/info", {"Origin": origin}),
+               request(server, "OPTIONS", chunk_path(0, 64, 0, 64, 0, 1), {
+                   "Origin": origin, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "range",
+                   "Access-Control-Request-Private-Network": "true"})]
+    assert [a.status for a in answers][:3] == [200, 200, 404]
+    for answer in answers:
+        assert [answer.getheader(name) for name in CORS] == [None] * len(CORS), answer.status
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_cors_origins_setting_adds_origins_or_allows_all(data_root, kind):
+    info = f"/{ANIMAL}/neuroglancer_data/C1/info"
+    lab = "https://viewer.lab.example.org"
+    with start_server(kind, data_root, cors_origins=lab) as server:
+        assert request(server, "GET", info, {"Origin": lab}).getheader("Access-Control-Allow-Origin") == lab
+        assert request(server, "GET", info, {"Origin": PUBLIC}).getheader("Access-Control-Allow-Origin") == PUBLIC
+        assert request(server, "GET", info, {"Origin": ELSEWHERE}).getheader("Access-Control-Allow-Origin") is None
+    with start_server(kind, data_root, cors_origins="*") as server:  # a public deployment
+        for origin in (ELSEWHERE, PUBLIC):
+            response = request(server, "GET", info, {"Origin": origin})
+            assert response.getheader("Access-Control-Allow-Origin") == "*"
+            assert response.getheader("Access-Control-Allow-Private-Network") == "true"
+    with pytest.raises(ServeError, match="origin"):
+        start_server(kind, data_root, cors_origins="https://x.example.org/path")
+
+
 def test_missing_chunk_is_404_with_cors(server):
-    response = request(server, "GET", chunk_path(0, 64, 0, 64, 7, 8), {"Origin": "http://elsewhere.test"})
+    response = request(server, "GET", chunk_path(0, 64, 0, 64, 7, 8), {"Origin": PUBLIC})
     assert response.status == 404
     # Neuroglancer reads a 404 as "empty chunk" only if CORS lets it see the status
-    assert response.getheader("Access-Control-Allow-Origin") == "*"
+    assert response.getheader("Access-Control-Allow-Origin") == PUBLIC
     assert request(server, "GET", "/NOANIMAL/neuroglancer_data/C1/info").status == 404
 
 
@@ -186,10 +236,10 @@ def test_range_request(server, data_root):
 
 def test_zarr_metadata_served_as_json_with_cors(server):
     for path in (f"/{ANIMAL}/omezarr/C1.ome.zarr/zarr.json", f"/{ANIMAL}/omezarr/C1.ome.zarr/0/.zarray"):
-        response = request(server, "GET", path, {"Origin": "http://elsewhere.test"})
+        response = request(server, "GET", path, {"Origin": PUBLIC})
         assert response.status == 200
         assert response.getheader("Content-Type") == "application/json"
-        assert response.getheader("Access-Control-Allow-Origin") == "*"
+        assert response.getheader("Access-Control-Allow-Origin") == PUBLIC
         json.loads(response.body)
 
 
@@ -212,11 +262,11 @@ def test_offline_client_served_with_offline_script(server):
 def test_negative_control_switches(data_root, kind):
     path = chunk_path(0, 64, 0, 64, 0, 1)
     with start_server(kind, data_root, gzip_header=False) as plain:
-        response = request(plain, "GET", path)
+        response = request(plain, "GET", path, {"Origin": PUBLIC})
         assert response.status == 200 and response.getheader("Content-Encoding") is None
-        assert response.getheader("Access-Control-Allow-Origin") == "*"
+        assert response.getheader("Access-Control-Allow-Origin") == PUBLIC
     with start_server(kind, data_root, cors=False) as no_cors:
-        response = request(no_cors, "GET", path, {"Origin": "http://elsewhere.test"})
+        response = request(no_cors, "GET", path, {"Origin": PUBLIC})
         assert response.status == 200 and response.getheader("Content-Encoding") == "gzip"
         assert response.getheader("Access-Control-Allow-Origin") is None
 

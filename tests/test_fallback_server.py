@@ -24,7 +24,7 @@ from tests.helpers_browser import require_apache, servable_dir
 from tests.test_apache import ANIMAL, SECRET, _populate, chunk_path, request
 
 CHUNK = chunk_path(0, 64, 0, 64, 0, 1)
-CORS_NAMES = [name for name, _ in CORS_HEADERS]
+CORS_NAMES = ["Access-Control-Allow-Origin", *(name for name, _ in CORS_HEADERS)]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +59,13 @@ def _requests() -> list[tuple[str, str, dict]]:
             "/v", "/v/", "/v/x", "/v/x/", "/v/x/index.html", "/v/x/slidepipe-offline.js", "/v/x/nope.js", "/v/x/a/b",
             f"/v/other/{_main_script()}", "/v/x/../../outside.txt"]
     checks = [("GET", path, {"Origin": "https://neuroglancer-demo.appspot.com"}) for path in gets]
+    checks += [("GET", path, {"Origin": origin}) for origin in ("https://elsewhere.example.com", "http://localhost:9000")
+               for path in (f"/{ANIMAL}/neuroglancer_data/C1/info", chunk_path(0, 64, 0, 64, 7, 8), "/v/x/")]
     checks += [("HEAD", f"/{ANIMAL}/raw.bin", {}), ("HEAD", CHUNK, {}),
                ("OPTIONS", CHUNK, {"Origin": "https://x.test", "Access-Control-Request-Method": "GET",
                                    "Access-Control-Request-Headers": "range"}),
+               ("OPTIONS", CHUNK, {"Origin": "https://neuroglancer-demo.appspot.com", "Access-Control-Request-Method": "GET",
+                                   "Access-Control-Request-Headers": "range", "Access-Control-Request-Private-Network": "true"}),
                ("OPTIONS", "/nowhere", {})]
     checks += [("GET", f"/{ANIMAL}/raw.bin", {"Range": r}) for r in ("bytes=100-299", "bytes=1000-2000", "bytes=-10",
                                                                         "bytes=0-0", "junk")]
@@ -74,7 +78,7 @@ def _summary(response: http.client.HTTPResponse) -> dict:
     """What Neuroglancer (and a browser's CORS check) sees of an answer."""
     status = response.status
     seen = {"status": status, **{name: response.getheader(name) for name in CORS_NAMES},
-            "Content-Encoding": response.getheader("Content-Encoding")}
+            "Content-Encoding": response.getheader("Content-Encoding"), "Vary": response.getheader("Vary")}
     if status in (200, 206):
         seen.update({"Content-Type": response.getheader("Content-Type"), "body": response.body,
                      "Content-Range": response.getheader("Content-Range"),
@@ -131,9 +135,9 @@ def test_conditional_and_range_edge_cases(data_root):
         assert beyond.status == 416 and beyond.getheader("Content-Range") == "bytes */1024"
         several = request(server, "GET", f"/{ANIMAL}/raw.bin", {"Range": "bytes=0-1,5-6"})
         assert several.status == 200 and several.body == raw  # allowed: a server may ignore Range
-        propfind = request(server, "PROPFIND", f"/{ANIMAL}/raw.bin")
+        propfind = request(server, "PROPFIND", f"/{ANIMAL}/raw.bin", {"Origin": "http://127.0.0.1:9000"})
         assert propfind.status == 405 and propfind.getheader("Allow") == "GET, HEAD, OPTIONS"
-        assert propfind.getheader("Access-Control-Allow-Origin") == "*"
+        assert propfind.getheader("Access-Control-Allow-Origin") == "http://127.0.0.1:9000"
 
 
 def test_keep_alive_then_stop_closes_connections_and_frees_the_port(data_root):

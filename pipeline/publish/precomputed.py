@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import getpass
 import io
 import json
 import logging
 import multiprocessing
+import os
 import shutil
-import socket
 import time
 from importlib import metadata
 from pathlib import Path
@@ -395,17 +394,18 @@ def software_versions() -> dict[str, str]:
 
 def write_provenance(layer_dir: str | Path, description: str, step: Mapping[str, Any],
                      owners: Sequence[str] | None = None, sources: Sequence[str] | None = None) -> None:
-    """Fill cloud-volume's `provenance` file (served next to `info`) with who made the layer
-    from what and how; igneous has already appended its own transfer/downsample entries."""
+    """Fill cloud-volume's `provenance` file (served next to `info`) with what the layer was made
+    from and how; igneous has already appended its own transfer/downsample entries. Who ran it on
+    which machine is not written (the file is served): the pipeline_run row records that."""
     from cloudvolume import CloudVolume
 
     vol = CloudVolume(file_url(layer_dir), progress=False)
     prov = vol.provenance
     prov.description = description
-    prov.owners = list(owners) if owners else [f"{getpass.getuser()}@{socket.gethostname()}"]
+    prov.owners = list(owners or [])
     if sources is not None:
         prov.sources = list(sources)
-    entry = {"method": {"task": PROVENANCE_STEP, **dict(step)}, "by": prov.owners[0],
+    entry = {"method": {"task": PROVENANCE_STEP, **dict(step)},
              "date": time.strftime("%Y-%m-%d %H:%M %Z"), "software": software_versions()}
     prov.processing.append(json.loads(json.dumps(entry, default=str)))
     vol.commit_provenance()
@@ -439,11 +439,13 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
                   chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None, workers: int = 1,
                   queue_url: str | None = None, keep_rechunkme: bool = False, sample: int | None = 32,
                   description: str = "", params: Mapping[str, Any] | None = None,
-                  memory_target: int = DEFAULT_MEMORY_TARGET) -> dict:
+                  memory_target: int = DEFAULT_MEMORY_TARGET, root: str | Path | None = None) -> dict:
     """Step 2 + verification + provenance, then the atomic rename and the step-1 cleanup.
 
     The final layer is built under a temporary name next to `dest_dir`, so an interrupted or
-    unverified build never looks published. Returns the result recorded in file_log.
+    unverified build never looks published. Paths in its served `provenance` are relative to
+    `root` (the data root; default: the deepest folder holding the layer and the sections).
+    Returns the result recorded in file_log.
     """
     dest_dir = Path(dest_dir)
     stack = inspect_stack(sections)
@@ -458,8 +460,7 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
         started = time.perf_counter()
         report = verify_layer(tmp, sections, rounds=built["rounds"], sample=sample)
         built["seconds"]["verify"] = round(time.perf_counter() - started, 3)
-    # The provenance names the temporary directory igneous wrote to; point it at the final name.
-    _rename_in_provenance(dest_dir, tmp, dest_dir)
+    _served_provenance(dest_dir, tmp, Path(root) if root else _common_root(dest_dir, sections))
     removed = False
     if not keep_rechunkme:
         started = time.perf_counter()
@@ -470,13 +471,37 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
             "seconds": built["seconds"], "rechunkme_deleted": removed}
 
 
-def _rename_in_provenance(layer_dir: Path, old: Path, new: Path) -> None:
+def _common_root(layer_dir: Path, sections: Sequence[str | Path]) -> Path:
+    return Path(os.path.commonpath([Path(layer_dir).absolute(), *(Path(p).absolute() for p in sections)]))
+
+
+def _served_provenance(layer_dir: Path, built_at: Path, root: Path) -> None:
+    """The provenance as it is served: the temporary directory igneous wrote to renamed to the
+    layer's own name, every path relative to `root` (the data root), and no `by` (igneous puts
+    the operator's e-mail or user@host there): nothing that names a machine, a person or an
+    absolute path. file_log keeps absolute facts; the pipeline_run row the user and host."""
     path = layer_dir / "provenance"
-    text = path.read_text()
-    fixed = text.replace(file_url(old), file_url(new)).replace(str(old), str(new))
-    if fixed != text:
-        with atomic_path(path) as tmp:
-            tmp.write_text(fixed)
+    absolute = [(file_url(built_at), file_url(layer_dir)), (str(Path(built_at).absolute()), str(layer_dir.absolute())),
+                (file_url(root) + "/", ""), (str(Path(root).absolute()) + "/", "")]
+
+    def relative(value):
+        if isinstance(value, str):
+            for old, new in absolute:
+                value = value.replace(old, new)
+            return value
+        if isinstance(value, list):
+            return [relative(v) for v in value]
+        if isinstance(value, dict):
+            return {k: relative(v) for k, v in value.items()}
+        return value
+
+    prov = relative(json.loads(path.read_text()))
+    prov["owners"] = []
+    for entry in prov.get("processing", []):
+        if isinstance(entry, dict):
+            entry.pop("by", None)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(prov, indent=2))
 
 
 def publish_stack(sections: Sequence[str | Path], dest_dir: str | Path, xy_um: float, z_um: float, *,

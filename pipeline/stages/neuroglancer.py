@@ -75,12 +75,12 @@ def pad_section(layer_dir: str, z: int, marker: str) -> dict:
 
 def publish(src_dir: str, dest_dir: str, sections: list[str], chunk_size: list[int], max_mips: int | None,
             workers: int, queue_url: str | None, keep_rechunkme: bool, sample: int | None, description: str,
-            params: dict) -> dict:
+            params: dict, root: str) -> dict:
     from pipeline.publish.precomputed import publish_layer
 
     return publish_layer(src_dir, dest_dir, sections, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
                          queue_url=queue_url, keep_rechunkme=keep_rechunkme, sample=sample,
-                         description=description, params=params)
+                         description=description, params=params, root=root)
 
 
 def _write_marker(path: str, content: dict) -> None:
@@ -123,6 +123,7 @@ def run(ctx: StageContext) -> None:
             "description": f"{ctx.animal} channel {ctx.channel}, {resolution}: the aligned stack of {count} "
                            f"sections, published by slidepipe",
             "params": {"animal": ctx.animal, "channel": ctx.channel, "downsample": ctx.downsample, **params},
+            "root": str(ctx.layout.data_root),
         },
     )
     if not ctx.is_current(layer_task):
