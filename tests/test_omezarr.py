@@ -730,3 +730,205 @@ def test_first_new_level_on_a_store_written_by_ome_zarr_py(tmp_path):
     for i in (1, 2):
         assert np.array_equal(data[i + 1], pyramid.downsample(data[i], factors[i], "mean"))
     validate_store(store, expect_levels=4)
+
+
+# ------------------------------------------------------------------------------------------
+# level placement, metadata that follows the options, data verification (issue 13 items 2, 4, 5)
+def physical_centroid(store: Path, level: int) -> np.ndarray:
+    """Intensity-weighted centre of a level's voxels in physical (z, y, x) micrometres, from the
+    store's own multiscales metadata (NGFF: voxel centres at scale * index + translation)."""
+    data = levels(store)[level].astype(np.float64)
+    transforms = multiscales(store)["datasets"][level]["coordinateTransformations"]
+    scale = np.array(next(t["scale"] for t in transforms if t["type"] == "scale"))
+    translation = np.array(next((t["translation"] for t in transforms if t["type"] == "translation"), [0.0] * 3))
+    index = np.array([(data.sum(axis=tuple(a for a in range(3) if a != axis)) * np.arange(n)).sum()
+                      for axis, n in enumerate(data.shape)]) / data.sum()
+    return index * scale + translation
+
+
+@pytest.mark.parametrize("algorithm", pyramid.ALGORITHMS)
+def test_a_feature_lies_at_its_physical_position_at_every_level(tmp_path, algorithm):
+    """A bright cube whose edges fall on block edges of every level: its centroid in physical
+    units must be the same at every level (without per-level translations level k sits
+    (2^k - 1) / 2 level-0 voxels towards the origin)."""
+    stack = np.zeros((12, 64, 64), np.uint16)
+    stack[4:8, 24:40, 16:32] = 40000
+    write_stack(tmp_path / "tif", stack)
+    store = tmp_path / "p.ome.zarr"
+    convert_stack(list_slices(tmp_path / "tif"), store, small_options(nlevels=4, algorithm=algorithm))
+    assert factors_between(multiscales(store)) == [(1, 2, 2), (2, 2, 2), (2, 2, 2)]
+    # Level 0: cube centre at voxel (5.5, 31.5, 23.5) of (20, 10, 10) um voxels.
+    assert physical_centroid(store, 0) == pytest.approx([110.0, 315.0, 235.0])
+    for level in (1, 2, 3):
+        assert physical_centroid(store, level) == pytest.approx([110.0, 315.0, 235.0], abs=1e-6), f"level {level}"
+    validate_store(store, expect_levels=4)
+
+
+def test_levels_are_placed_as_ome_zarr_py_places_them(tmp_path):
+    """ome-zarr-py (0.18) writes translation (f - 1) / 2 * voxel for a level made by a factor f;
+    ours for the same pyramid is the same."""
+    from ome_zarr.writer import write_image
+
+    stack = synthetic_stack((4, 64, 96))
+    theirs = tmp_path / "theirs.ome.zarr"
+    write_image(stack, zarr.open_group(str(theirs), mode="w"), scale_factors=[2, 4], axes="zyx",
+                scale={"z": 20.0, "y": 1.0, "x": 1.0})
+    write_stack(tmp_path / "tif", stack)
+    ours = tmp_path / "ours.ome.zarr"
+    convert_stack(list_slices(tmp_path / "tif"), ours, small_options(nlevels=3, voxel_um=(20.0, 1.0, 1.0)))
+
+    def transforms(store):
+        return [{t["type"]: t[t["type"]] for t in d["coordinateTransformations"]} for d in multiscales(store)["datasets"]]
+
+    assert transforms(ours) == transforms(theirs)
+    assert transforms(ours)[2] == {"scale": [20.0, 4.0, 4.0], "translation": [0.0, 1.5, 1.5]}
+
+
+def test_changed_metadata_is_rewritten_and_changed_factors_rebuild(tmp_path):
+    """The completion signature covers everything that defines the store: a new voxel size
+    with the same level factors, a new name or window rewrites the metadata only; a voxel size
+    that changes the factors rebuilds the levels."""
+    stack = synthetic_stack((8, 64, 64), zero_rows=8)
+    write_stack(tmp_path / "tif", stack)
+    store = tmp_path / "m.ome.zarr"
+    paths = list_slices(tmp_path / "tif")
+    convert_stack(paths, store, small_options(nlevels=3, voxel_um=(20.0, 10.4, 10.4)))
+    mtimes = {p: p.stat().st_mtime_ns for p in chunk_files(store)}
+
+    def level_transforms():
+        return [d["coordinateTransformations"] for d in multiscales(store)["datasets"]]
+
+    # 0.325 um -> 0.4 um pixels (x 32 thumbnails): still (1, 2, 2) then (2, 2, 2).
+    result = convert_stack(paths, store, small_options(nlevels=3, voxel_um=(20.0, 12.8, 12.8), name="renamed",
+                                                       windows=[(10, 20000)], overwrite=True))
+    assert result.status == "metadata"
+    assert level_transforms()[0][0]["scale"] == [20.0, 12.8, 12.8]
+    scale, translation = level_transforms()[2]
+    assert scale["scale"] == pytest.approx([40.0, 51.2, 51.2])
+    assert translation["translation"] == pytest.approx([10.0, 19.2, 19.2])
+    assert multiscales(store)["name"] == "renamed"
+    assert read_attributes(store)["ome"]["omero"]["channels"][0]["window"]["end"] == 20000.0
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes, "voxels are not rewritten for metadata"
+    again = convert_stack(paths, store, small_options(nlevels=3, voxel_um=(20.0, 12.8, 12.8), name="renamed",
+                                                      windows=[(10, 20000)]))
+    assert again.status == "complete"
+    # Back to no window: the one from the data, as a fresh conversion writes it.
+    convert_stack(paths, store, small_options(nlevels=3, voxel_um=(20.0, 12.8, 12.8), name="renamed"))
+    fresh = tmp_path / "fresh.ome.zarr"
+    convert_stack(paths, fresh, small_options(nlevels=3, voxel_um=(20.0, 12.8, 12.8), name="renamed"))
+    assert read_attributes(store)["ome"] == read_attributes(fresh)["ome"]
+    # 16 um pixels: xy * sqrt 2 >= z from the start, so z halves at level 1: other voxels.
+    result = convert_stack(paths, store, small_options(nlevels=3, voxel_um=(20.0, 16.0, 16.0), overwrite=True))
+    assert result.status == "written"
+    assert factors_between(multiscales(store)) == [(2, 2, 2), (2, 2, 2)]
+    assert levels(store)[1].shape == (4, 32, 32)
+    assert level_transforms()[1][0]["scale"] == [40.0, 32.0, 32.0]
+
+
+def _rewrite_chunk(store: Path, level: str, index, values) -> None:
+    array = zarr.open_array(store / level, mode="r+")
+    array[index] = values
+
+
+@pytest.mark.parametrize("variant", ["0.4", "0.5", "0.5-sharded"])
+def test_data_verification_fails_on_deleted_or_modified_chunks(tmp_path, variant):
+    from pipeline.publish.validate_omezarr import OmeZarrDataError, verify_data
+
+    stack = synthetic_stack((8, 64, 64), zero_rows=32)  # the top rows of chunks (and shards) are background: not stored
+    paths = write_stack(tmp_path / "tif", stack)
+    store = tmp_path / "v.ome.zarr"
+    ngff, sharded = variant.split("-")[0], variant.endswith("sharded")
+    convert_stack(paths, store, small_options(ngff_version=ngff, nlevels=3,
+                                              shard=(8, 32, 32) if sharded else None))
+    checked = verify_data(store, sections=paths, sample=None)
+    assert checked[0]["absent"] > 0 and checked[0]["decoded"] == checked[0]["present"]
+    files = {level: chunk_files(store / level) for level in ("0", "1")}
+    pristine = {p: p.read_bytes() for fs in files.values() for p in fs}
+
+    def fails(match: str) -> None:
+        with pytest.raises(OmeZarrDataError, match=match):
+            verify_data(store, sections=paths, sample=None)
+        for path, data in pristine.items():  # back to the intact store
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        verify_data(store, sections=paths, sample=None)
+
+    files["0"][len(files["0"]) // 2].unlink()  # a data chunk of level 0
+    fails("is missing, but what it must hold is not all zero")
+    files["1"][-1].unlink()  # of level 1
+    fails("is missing")
+    for path in files["0"]:  # every data chunk
+        path.unlink()
+    fails("is missing")
+    _rewrite_chunk(store, "0", (slice(4, 8), slice(48, 64), slice(0, 16)), 7)  # valid, other voxels
+    fails("voxel values differ")
+    _rewrite_chunk(store, "1", (slice(0, 4), slice(16, 32), slice(0, 16)), 7)
+    fails("voxel values differ")
+    files["0"][0].write_bytes(files["0"][0].read_bytes()[:20])  # truncated
+    fails("does not decode|differ")
+    # The default sample still finds a missing chunk: the grid is listed completely.
+    files["0"][0].unlink()
+    with pytest.raises(OmeZarrDataError, match="is missing"):
+        verify_data(store, sections=paths)
+
+
+@pytest.mark.slow
+def test_stage_rerun_after_resolution_change_stores_the_new_scales(tmp_path, sqlite_url):
+    """omezarr through the CLI, then the scan run's --resolution is corrected: the rerun's store
+    has the new scales (metadata only while the level factors stay, rebuilt when they change),
+    as the precomputed layer would."""
+    from pipeline.layout import AnimalLayout
+
+    layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
+    seed_scan_run(sqlite_url, 6)
+    stack = synthetic_stack((6, 90, 130), zero_rows=10)
+    place_aligned_stack(layout, stack)
+    args = ("--channel", "1", "--chunk-size", "32,32,2", "--nlevels", "3")
+    assert stage_cli(tmp_path, sqlite_url, *args) == 0
+    store = layout.omezarr(1, downsample=True)
+    assert multiscales(store)["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx([20, 10.4, 10.4])
+    mtimes = {p: p.stat().st_mtime_ns for p in chunk_files(store)}
+    assert stage_cli(tmp_path, sqlite_url, *args, "--resolution", "0.4") == 0
+    assert last_runs(sqlite_url)[0].tasks_run == 1
+    scales = [d["coordinateTransformations"][0]["scale"] for d in multiscales(store)["datasets"]]
+    assert scales == [pytest.approx(s) for s in ([20, 12.8, 12.8], [20, 25.6, 25.6], [40, 51.2, 51.2])]
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert stage_cli(tmp_path, sqlite_url, *args, "--zresolution", "10") == 0  # z now halves at once
+    ms = multiscales(store)
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == pytest.approx([10, 12.8, 12.8])
+    assert factors_between(ms) == [(2, 2, 2), (2, 2, 2)]
+    data = levels(store)
+    assert np.array_equal(data[0], stack)
+    assert np.array_equal(data[1], pyramid.downsample(stack, (2, 2, 2)))
+
+
+@pytest.mark.slow
+def test_stage_publishes_an_rgb_stack_as_three_channels(tmp_path, sqlite_url):
+    """Brightfield: aligned sections of (y, x, 3) uint8 become one CZYX store with a window per
+    channel and red/green/blue colours, verified against the sections (issue 12 item 8)."""
+    from pipeline.layout import AnimalLayout
+
+    layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
+    seed_scan_run(sqlite_url, 4)
+    stack = synthetic_stack((4, 70, 90), dtype=np.uint8, rgb=True)
+    paths = place_aligned_stack(layout, stack)
+    hist = layout.histogram_data(1, downsample=True)  # what the histogram stage leaves: one mixed histogram
+    hist.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(hist, counts=np.bincount(stack.ravel(), minlength=256))
+    assert stage_cli(tmp_path, sqlite_url, "--channel", "1", "--chunk-size", "32,32,2", "--nlevels", "2") == 0
+    store = layout.omezarr(1, downsample=True)
+    data = levels(store)
+    assert np.array_equal(data[0], np.moveaxis(stack, -1, 0))
+    attrs = read_attributes(store)["ome"]
+    assert [a["name"] for a in attrs["multiscales"][0]["axes"]] == ["c", "z", "y", "x"]
+    channels = attrs["omero"]["channels"]
+    assert [c["color"] for c in channels] == ["FF0000", "00FF00", "0000FF"]
+    assert [c["label"] for c in channels] == ["red", "green", "blue"]
+    for c, channel in enumerate(channels):  # each window from its own channel's voxels
+        nonzero = stack[..., c][stack[..., c] > 0]
+        assert abs(channel["window"]["end"] - np.percentile(nonzero, 99.5)) <= 3
+    validate_store(store, expect_levels=2)
+    from pipeline.publish.validate_omezarr import verify_data
+
+    verify_data(store, sections=paths, sample=None)
+    assert last_runs(sqlite_url)[0].status == "success"

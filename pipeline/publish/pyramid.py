@@ -72,6 +72,25 @@ def level_scales(voxel_um: Sequence[float], factors: Sequence[Factor]) -> list[t
     return scales
 
 
+def level_translations(translation0: Sequence[float], scales: Sequence[Sequence[float]],
+                       factors: Sequence[Factor]) -> list[tuple[float, float, float]]:
+    """Physical position of each level's first voxel centre (NGFF places voxel centres at
+    scale * index + translation), so that every level lies where the level-0 voxels it came from lie.
+
+    A voxel made from the block [0, f) of the level below stands for that block, whose centre is
+    (f - 1) / 2 voxels of the level below from its first voxel: translation(n+1) = translation(n)
+    + (f - 1) / 2 * scale(n) per axis, so level k of 2x halvings is shifted (2^k - 1) / 2 level-0
+    voxels. ome-zarr-py 0.18 and ngff-zarr write the same, for every downsampling method; for
+    `nearest` it places a block-aligned feature exactly (a single voxel sampled at the block's
+    first voxel moves by up to half a block, as it does in those writers).
+    `scales` are the levels' scales (`level_scales`), `factors` the steps between them.
+    """
+    out = [tuple(float(t) for t in translation0)]
+    for scale, factor in zip(scales, factors):
+        out.append(tuple(t + (f - 1) / 2 * s for t, f, s in zip(out[-1], factor, scale)))
+    return out
+
+
 def gaussian_sigmas(factor: Factor) -> tuple[float, ...]:
     """Anti-aliasing sigma per axis, (f - 1) / 2 as skimage uses: 0.5 for a halving, 0 otherwise."""
     return tuple((f - 1) / 2.0 for f in factor)

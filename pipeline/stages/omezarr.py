@@ -18,7 +18,7 @@ from pipeline.errors import StageError
 from pipeline.runner import StageContext, Task
 
 NAME = "omezarr"
-VERSION = 1
+VERSION = 2  # 2: level translations, a completion signature covering the level factors
 PER_CHANNEL = True
 
 STACK_CHUNK = (16, 128, 128)
@@ -78,12 +78,16 @@ def stored_window(ctx: StageContext) -> tuple[Path, tuple[float, float]] | None:
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.publish.omezarr import zyx
+    from pipeline.publish.omezarr import probe_stack, zyx
     from pipeline.stages.common import aligned_stack
 
     sections, xy, z_um = aligned_stack(ctx)
     store = ctx.layout.omezarr(ctx.channel, ctx.downsample)
-    histogram = stored_window(ctx)
+    # An RGB (brightfield) stack is one 3-channel image: its histogram mixes the three samples,
+    # so the converter takes a window per channel from the published voxels instead, and labels
+    # the channels red, green, blue.
+    rgb = probe_stack(sections[:1]).samples == 3
+    histogram = None if rgb else stored_window(ctx)
     options: dict[str, Any] = {
         "ngff_version": ctx.params.get("ngff_version") or "0.5",
         "chunk": zyx(ctx.params.get("chunk_size")) or STACK_CHUNK,
@@ -92,7 +96,7 @@ def run(ctx: StageContext) -> None:
         "algorithm": ctx.params.get("algorithm") or "mean",
         "voxel_um": [float(z_um), float(xy), float(xy)],
         "windows": [list(histogram[1])] if histogram else None,
-        "channel_names": [f"C{ctx.channel}"],
+        "channel_names": None if rgb else [f"C{ctx.channel}"],
         "name": f"{ctx.animal} C{ctx.channel}{'T' if ctx.downsample else ''}",
         "threads": ctx.settings.workers,
     }

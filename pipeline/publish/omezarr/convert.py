@@ -17,9 +17,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.publish import pyramid
-from pipeline.publish.omezarr.metadata import (dataset_scale, dataset_translation, display_windows,
-                                               multiscales_metadata, omero_metadata, channel_names,
-                                               update_windows, write_ome_attributes)
+from pipeline.publish.omezarr.metadata import (channel_names, dataset_scale, dataset_translation, display_windows,
+                                               multiscales_metadata, omero_metadata, stored_ome_metadata,
+                                               write_ome_attributes)
 from pipeline.publish.omezarr.options import DEFAULT_CHUNK, ConversionResult, OmeZarrError, OmeZarrOptions
 from pipeline.publish.omezarr.planning import LevelWork, memory_budget, plan_level, release_free_memory, slab_cost, warm_imports
 from pipeline.publish.omezarr.state import (STATE_FORMAT, STATE_KEY, Progress, input_fingerprint, prepare_store,
@@ -71,23 +71,33 @@ def convert_stack(paths: Sequence[Path], store: Path, options: OmeZarrOptions,
     factors = pyramid.level_factors(shape, voxel, nlevels)
     shapes = pyramid.level_shapes(shape, factors)
     scales = pyramid.level_scales(voxel, factors)
+    translations = pyramid.level_translations([lo * v for (lo, _), v in zip(bounds, voxel)], scales, factors)
     img = Image(info.samples if info.samples > 1 else None, info.dtype)
+    # Everything that decides the stored voxels and files. The voxel size enters through the
+    # level factors (z halves once xy caught up); scales, translations, names and windows are
+    # metadata, compared with what the store holds when these match (`_refresh_metadata`).
     layout = {
         "ngff_version": options.ngff_version, "chunk": chunk, "shard": shard, "nlevels": nlevels,
         "algorithm": options.algorithm, "bounds": bounds, "zarr_only": options.zarr_only,
         "dtype": info.dtype.str, "channels": img.channels, "compression_level": options.compression_level,
-        "source_shape": info.shape,
+        "source_shape": info.shape, "factors": factors,
     }
     signature = signature_of({"layout": layout, "inputs": input_fingerprint(info.paths)})
     store.parent.mkdir(parents=True, exist_ok=True)
     status = prepare_store(store, signature, options.overwrite)
-    if status == "complete":
-        if options.windows and not options.zarr_only:
-            update_windows(store, options.ngff_version, options.windows)
-        return ConversionResult(store, options.ngff_version, [img.full(s) for s in shapes], scales, [], 0, 0, 0,
-                                time.perf_counter() - started, None, "complete")
-    store.mkdir(parents=True, exist_ok=True)
     threads = options.threads or os.cpu_count() or 1
+    if status == "complete":
+        windows, changed = None, False
+        if not options.zarr_only:
+            with store_lock(store):
+                windows, changed = _refresh_metadata(store, options, img, shapes, scales, translations, threads)
+        if changed:
+            from pipeline.publish.validate_omezarr import validate_store
+
+            validate_store(store, expect_levels=nlevels)
+        return ConversionResult(store, options.ngff_version, [img.full(s) for s in shapes], scales, [], 0, 0, 0,
+                                time.perf_counter() - started, windows, "metadata" if changed else "complete")
+    store.mkdir(parents=True, exist_ok=True)
     context = ts_context(threads)
     fmt = options.zarr_format
     with store_lock(store):
@@ -128,17 +138,51 @@ def convert_stack(paths: Sequence[Path], store: Path, options: OmeZarrOptions,
             tracker.save()
         else:
             windows = display_windows(options.windows, arrays, shapes, img, budget)
-            ms = multiscales_metadata(options.ngff_version, scales, img.has_c, options.name or store.name.split(".")[0],
-                                      options.algorithm, translation=[lo * v for (lo, _), v in zip(bounds, voxel)])
-            omero = omero_metadata(options.ngff_version, windows, img.dtype,
-                                   channel_names(options.channel_names, img.channels), shapes[0][0] // 2)
+            if not options.windows:
+                state["data_windows"] = windows  # the voxels decide them: kept for metadata-only updates
+            ms, omero = _ome_metadata(store, options, img, shapes, scales, translations, windows)
             write_ome_attributes(store, options.ngff_version, ms, omero, state)
-    from pipeline.publish.validate_omezarr import validate_store
+    from pipeline.publish.validate_omezarr import validate_store, verify_data
 
     validate_store(store, expect_levels=nlevels, zarr_only=options.zarr_only)
+    if not options.zarr_only:
+        verify_data(store, sections=info.paths, bounds=bounds)
     return ConversionResult(store, options.ngff_version, [img.full(s) for s in shapes], scales, list(range(nlevels)),
                             counts["written"], counts["skipped"], int(np.prod(shape)) * img.channels * img.dtype.itemsize,
                             time.perf_counter() - started, windows, "resumed" if status == "resume" else "written")
+
+
+def _ome_metadata(store: Path, options: OmeZarrOptions, img: Image, shapes, scales, translations,
+                  windows) -> tuple[dict, dict]:
+    """The multiscales and omero attributes this conversion writes (plain JSON values)."""
+    ms = multiscales_metadata(options.ngff_version, scales, img.has_c, options.name or store.name.split(".")[0],
+                              options.algorithm, translations=translations)
+    omero = omero_metadata(options.ngff_version, windows, img.dtype,
+                           channel_names(options.channel_names, img.channels), shapes[0][0] // 2)
+    return json.loads(json.dumps(ms)), json.loads(json.dumps(omero))
+
+
+def _refresh_metadata(store: Path, options: OmeZarrOptions, img: Image, shapes, scales, translations,
+                      threads: int) -> tuple[list, bool]:
+    """A finished store whose voxels are what is asked: give it the NGFF metadata this conversion
+    would write (voxel size, translations, names, windows), touching nothing else. Returns the
+    windows and whether anything changed."""
+    attrs = read_attributes(store)
+    state = attrs[STATE_KEY]
+    if options.windows or not state.get("data_windows"):
+        arrays = [] if options.windows else [
+            open_existing(store / str(level), options.zarr_format, ts_context(threads)) for level in range(len(shapes))]
+        budget = 0 if options.windows else (options.slab_budget_bytes or memory_budget(options.max_gb))
+        windows = display_windows(options.windows, arrays, shapes, img, budget)
+        if not options.windows:
+            state["data_windows"] = windows
+    else:
+        windows = [tuple(w) for w in state["data_windows"]]
+    ms, omero = _ome_metadata(store, options, img, shapes, scales, translations, windows)
+    if stored_ome_metadata(attrs) == (ms, omero):
+        return windows, False
+    write_ome_attributes(store, options.ngff_version, ms, omero, state)
+    return windows, True
 
 
 def describe_store(store: Path) -> dict:
@@ -321,12 +365,15 @@ def add_levels(store: Path, options: OmeZarrOptions,
         extending["done"] = True
         paths = [d["path"] for d in datasets[:first]] + [str(n) for n in range(first, nlevels)]
         all_scales = [dataset_scale(d)[-3:] for d in datasets[:first]] + scales[1:]
+        kept = [dataset_translation(d) or [0.0, 0.0, 0.0] for d in datasets[:first]]
+        added = pyramid.level_translations(kept[-1], scales, factors)[1:]
         new_ms = multiscales_metadata(ngff, all_scales, img.has_c, ms.get("name") or store.name.split(".")[0],
-                                      options.algorithm, translation=dataset_translation(datasets[0]), paths=paths)
+                                      options.algorithm, translations=kept + added, paths=paths)
         write_ome_attributes(store, ngff, new_ms, ome_attrs.get("omero"), state)
-    from pipeline.publish.validate_omezarr import validate_store
+    from pipeline.publish.validate_omezarr import validate_store, verify_data
 
     validate_store(store, expect_levels=nlevels)
+    verify_data(store, levels_from=first)
     return ConversionResult(store, ngff, [img.full(s) for s in shapes[1:]], scales[1:], list(range(first, nlevels)),
                             counts["written"], counts["skipped"], 0, time.perf_counter() - started, None,
                             "resumed" if resume else "written")

@@ -26,14 +26,18 @@ def axes_for(channels: bool) -> list[dict]:
 
 
 def multiscales_metadata(ngff_version: str, scales: Sequence[Sequence[float]], channels: bool, name: str,
-                         algorithm: str, translation: Sequence[float] | None = None,
+                         algorithm: str, translations: Sequence[Sequence[float] | None] | None = None,
                          paths: Sequence[str] | None = None) -> dict:
+    """`translations`: one (z, y, x) per level (`pyramid.level_translations`; None for a level
+    without one); written for every level as soon as one of them is not zero."""
+    translations = [list(t) if t is not None else [0.0, 0.0, 0.0] for t in (translations or [None] * len(scales))]
+    placed = any(any(t) for t in translations)
     datasets = []
     for i, scale in enumerate(scales):
         transforms: list[dict] = [{"type": "scale", "scale": ([1.0] if channels else []) + [float(s) for s in scale]}]
-        if translation is not None and any(translation):
+        if placed:
             transforms.append({"type": "translation",
-                               "translation": ([0.0] if channels else []) + [float(t) for t in translation]})
+                               "translation": ([0.0] if channels else []) + [float(t) for t in translations[i]]})
         datasets.append({"path": paths[i] if paths else str(i), "coordinateTransformations": transforms})
     ms = {"name": name, "axes": axes_for(channels), "datasets": datasets, "type": algorithm,
           "metadata": {"method": "slidepipe.publish.pyramid.downsample", "algorithm": algorithm}}
@@ -78,20 +82,11 @@ def write_ome_attributes(store: Path, ngff_version: str, multiscales: dict, omer
     write_attributes(store, attrs)
 
 
-def update_windows(store: Path, ngff_version: str, windows) -> None:
-    """New display windows on a finished store (they are metadata only: no voxel changes)."""
-    attrs = read_attributes(store)
-    omero = (attrs.get("ome", {}) if ngff_version == "0.5" else attrs).get("omero") or {}
-    channels = omero.get("channels", [])
-    if len(channels) != len(windows):
-        raise OmeZarrError(f"{len(windows)} windows given for {len(channels)} channels", store)
-    changed = False
-    for channel, (start, end) in zip(channels, windows):
-        if (channel["window"]["start"], channel["window"]["end"]) != (float(start), float(end)):
-            channel["window"].update(start=float(start), end=float(end))
-            changed = True
-    if changed:
-        write_attributes(store, attrs)
+def stored_ome_metadata(attrs: dict) -> tuple[dict | None, dict | None]:
+    """(multiscales[0], omero) of a store's root attributes, either NGFF version."""
+    ome = attrs.get("ome", attrs)
+    multiscales = ome.get("multiscales") or [None]
+    return multiscales[0], ome.get("omero")
 
 
 def channel_names(names, channels: int) -> list[str]:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -102,32 +103,54 @@ def _tiff_voxel_um(tif) -> tuple[float | None, float | None, float | None]:
 
 
 def read_tiff_region(path: Path, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
-    """Rows/cols of page 0 of a TIFF, decoding only the strips or tiles they touch.
+    """Rows/cols of page 0 of a TIFF, decoding only the strips or tiles they touch."""
+    with tiff_regions(path) as read:
+        return read(rows, cols)
+
+
+@contextlib.contextmanager
+def tiff_regions(path: Path) -> Iterator[Callable[[tuple[int, int], tuple[int, int]], np.ndarray]]:
+    """A reader of rows/cols regions of page 0 of one open TIFF (many regions, one open).
 
     Uncompressed contiguous files are read row by row from the file (no whole-page buffer);
     others go through tifffile's zarr view, which decodes just the intersecting segments.
     """
     import tifffile
 
-    (y0, y1), (x0, x1) = rows, cols
-    try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            if page.compression == 1 and page.is_contiguous and page.planarconfig == 1:
-                width = page.shape[1]
-                per_row = width * page.samplesperpixel
-                dtype = np.dtype(page.dtype).newbyteorder(tif.byteorder)
-                fh = tif.filehandle
-                fh.seek(page.dataoffsets[0] + y0 * per_row * dtype.itemsize)
-                flat = np.frombuffer(fh.read((y1 - y0) * per_row * dtype.itemsize), dtype=dtype)
-                block = flat.reshape((y1 - y0, width) + tuple(page.shape[2:]))[:, x0:x1]
-                return np.ascontiguousarray(block).astype(dtype.newbyteorder("="), copy=False)
-            import zarr
+    def failed(exc, rows, cols) -> OmeZarrError:
+        return OmeZarrError(f"cannot read rows {rows[0]}:{rows[1]}, columns {cols[0]}:{cols[1]}: {exc}", path)
 
-            view = zarr.open(page.aszarr(), mode="r")
-            return np.asarray(view[y0:y1, x0:x1])
-    except (OSError, ValueError, tifffile.TiffFileError, KeyError) as exc:
-        raise OmeZarrError(f"cannot read rows {y0}:{y1}, columns {x0}:{x1}: {exc}", path) from exc
+    errors = (OSError, ValueError, tifffile.TiffFileError, KeyError)
+    try:
+        tif = tifffile.TiffFile(path)
+    except errors as exc:
+        raise OmeZarrError(f"cannot open the TIFF: {exc}", path) from exc
+    with tif:
+        page = tif.pages[0]
+        view = None
+
+        def read(rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+            nonlocal view
+            (y0, y1), (x0, x1) = rows, cols
+            try:
+                if page.compression == 1 and page.is_contiguous and page.planarconfig == 1:
+                    width = page.shape[1]
+                    per_row = width * page.samplesperpixel
+                    dtype = np.dtype(page.dtype).newbyteorder(tif.byteorder)
+                    fh = tif.filehandle
+                    fh.seek(page.dataoffsets[0] + y0 * per_row * dtype.itemsize)
+                    flat = np.frombuffer(fh.read((y1 - y0) * per_row * dtype.itemsize), dtype=dtype)
+                    block = flat.reshape((y1 - y0, width) + tuple(page.shape[2:]))[:, x0:x1]
+                    return np.ascontiguousarray(block).astype(dtype.newbyteorder("="), copy=False)
+                if view is None:
+                    import zarr
+
+                    view = zarr.open(page.aszarr(), mode="r")
+                return np.asarray(view[y0:y1, x0:x1])
+            except errors as exc:
+                raise failed(exc, rows, cols) from exc
+
+        yield read
 
 
 class StackReader:
