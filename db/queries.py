@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, aliased, contains_eager, selectinload
 
 from db.models import FileLog, PipelineRun, ScanRun, Slide, SlideCziToTif, file_input
 from pipeline.errors import SlidepipeError
+from pipeline.layout import section_key
 
 
 def ordered_sections(
@@ -25,7 +26,8 @@ def ordered_sections(
 ) -> list[SlideCziToTif]:
     """Sections of the animal's active scan run in stack order: slide number, then the
     user-editable scene_order, then the scene's index in the file. Position i in this list is
-    the section named NNN = i by every stage after extract.
+    the section's z index in the published volume; files are named by `section_key_of(row)`,
+    which does not change when the order does.
 
     `active` and `scene_order` live on each channel row, but a position must mean the same
     tissue in every channel: a scene counts as inactive when any of its channel rows is, and
@@ -68,6 +70,19 @@ def ordered_sections(
         )
         query = query.where(Slide.active.is_(True), ~inactive_sibling)
     return list(session.scalars(query))
+
+
+def section_key_of(row: SlideCziToTif) -> str:
+    """The stable name of the section a slide_czi_to_tif row belongs to (`<slide>_S<scene>`):
+    every per-section file after extract is named by it, never by the position."""
+    return section_key(Path(row.slide.file_name).stem, row.scene_index)
+
+
+def deactivate_sql(scenes: list[tuple[int, int]]) -> str:
+    """The statement that takes sections (each a (slide id, scene index), all its channels) out
+    of the stack, the documented way."""
+    where = " OR ".join(f"(FK_slide_id = {slide} AND scene_index = {scene})" for slide, scene in scenes)
+    return f"UPDATE slide_czi_to_tif SET active = 0 WHERE {where};"
 
 
 def files_of_run(session: Session, run_id: int) -> list[FileLog]:

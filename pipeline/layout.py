@@ -18,8 +18,22 @@ def resolution_name(downsample: bool) -> str:
 
 
 def section_name(position: int) -> str:
-    """File stem of the section at `position` in the ordered active list."""
+    """A position in the ordered active list as the lab pipeline wrote it (000, 001, ...). Used
+    for display and for the `section` columns only: files are named by `section_key`."""
     return f"{position:03d}"
+
+
+def section_key(slide_stem: str, scene_index: int) -> str:
+    """The stable identity of a section (a scene, across channels): `<slide>_S<scene>`, scene
+    1-based as in ZEN, e.g. `DK39_slide012_S3`. It never changes when sections are reordered or
+    deactivated, so every file a person edits or a later stage trusts is named by it."""
+    return f"{slide_stem}_S{scene_index + 1}"
+
+
+def _section_file(section: str) -> str:
+    if not isinstance(section, str) or not section or "/" in section:
+        raise TypeError(f"a section is named by its key (<slide>_S<scene>, see layout.section_key), got {section!r}")
+    return section
 
 
 def server_state_dir(data_root: str | Path) -> Path:
@@ -70,7 +84,7 @@ class AnimalLayout:
     @staticmethod
     def extracted_name(slide_stem: str, scene_index: int, channel: int) -> str:
         """Stable name of one extracted scene channel (scene 1-based as in ZEN)."""
-        return f"{slide_stem}_S{scene_index + 1}_C{channel}.tif"
+        return f"{section_key(slide_stem, scene_index)}_C{channel}.tif"
 
     def extracted_tif(self, slide_stem: str, scene_index: int, channel: int) -> Path:
         return self.tif_dir / self.extracted_name(slide_stem, scene_index, channel)
@@ -79,7 +93,7 @@ class AnimalLayout:
         return self.thumbnail_original_dir / self.extracted_name(slide_stem, scene_index, channel)
 
     def scene_png(self, slide_stem: str, scene_index: int) -> Path:
-        return self.www / "scene" / f"{slide_stem}_S{scene_index + 1}.png"
+        return self.www / "scene" / f"{section_key(slide_stem, scene_index)}.png"
 
     # --- per-channel section stacks --------------------------------------------------------
     def channel_dir(self, channel: int) -> Path:
@@ -89,47 +103,47 @@ class AnimalLayout:
         """kind: 'masked' (binary 0/255) or 'colored' (editable overlay)."""
         return self.preps / "masks" / f"CH{channel}" / f"{resolution_name(downsample)}_{kind}"
 
-    def mask(self, position: int, downsample: bool = True, kind: str = "masked") -> Path:
-        return self.masks_dir(kind, downsample) / f"{section_name(position)}.tif"
+    def mask(self, section: str, downsample: bool = True, kind: str = "masked") -> Path:
+        return self.masks_dir(kind, downsample) / f"{_section_file(section)}.tif"
 
     def cleaned_dir(self, channel: int, downsample: bool) -> Path:
         return self.channel_dir(channel) / f"{resolution_name(downsample)}_cleaned"
 
-    def cleaned(self, channel: int, downsample: bool, position: int) -> Path:
-        return self.cleaned_dir(channel, downsample) / f"{section_name(position)}.tif"
+    def cleaned(self, channel: int, downsample: bool, section: str) -> Path:
+        return self.cleaned_dir(channel, downsample) / f"{_section_file(section)}.tif"
 
     def aligned_dir(self, channel: int, downsample: bool) -> Path:
         return self.channel_dir(channel) / f"{resolution_name(downsample)}_aligned"
 
-    def aligned(self, channel: int, downsample: bool, position: int) -> Path:
-        return self.aligned_dir(channel, downsample) / f"{section_name(position)}.tif"
+    def aligned(self, channel: int, downsample: bool, section: str) -> Path:
+        return self.aligned_dir(channel, downsample) / f"{_section_file(section)}.tif"
 
     # --- alignment: made from channel-1 thumbnails, used by every channel and resolution ----
     @property
     def transforms_dir(self) -> Path:
         return self.preps / "transforms"
 
-    def pairwise_transform(self, position: int) -> Path:
-        """Registration of section `position` (moving) onto its previous neighbour (JSON)."""
-        return self.transforms_dir / "pairwise" / f"{section_name(position)}.json"
+    def pairwise_transform(self, section: str) -> Path:
+        """Registration of `section` (moving) onto its previous neighbour (JSON, which names both)."""
+        return self.transforms_dir / "pairwise" / f"{_section_file(section)}.json"
 
-    def section_transform(self, position: int) -> Path:
+    def section_transform(self, section: str) -> Path:
         """Composed transform of one section onto the reference (middle) section (JSON)."""
-        return self.transforms_dir / "composed" / f"{section_name(position)}.json"
+        return self.transforms_dir / "composed" / f"{_section_file(section)}.json"
 
     # --- histograms and metrics (data under preps/, plots under www/) -----------------------
-    def histogram_data(self, channel: int, downsample: bool, position: int | None = None) -> Path:
-        """Counts of one section (.npz); position None: the channel's combined histogram."""
-        name = "combined" if position is None else section_name(position)
+    def histogram_data(self, channel: int, downsample: bool, section: str | None = None) -> Path:
+        """Counts of one section (.npz); section None: the channel's combined histogram."""
+        name = "combined" if section is None else _section_file(section)
         return self.channel_dir(channel) / f"{resolution_name(downsample)}_histogram" / f"{name}.npz"
 
-    def histogram_png(self, channel: int, downsample: bool, position: int | None = None) -> Path:
-        name = "combined" if position is None else section_name(position)
+    def histogram_png(self, channel: int, downsample: bool, section: str | None = None) -> Path:
+        name = "combined" if section is None else _section_file(section)
         return self.histogram_dir(channel) / resolution_name(downsample) / f"{name}.png"
 
-    def metrics_data(self, channel: int, downsample: bool, position: int) -> Path:
-        """Similarity of section `position` and its previous neighbour as aligned (JSON)."""
-        return self.channel_dir(channel) / f"{resolution_name(downsample)}_metrics" / f"{section_name(position)}.json"
+    def metrics_data(self, channel: int, downsample: bool, section: str) -> Path:
+        """Similarity of `section` and its previous neighbour as aligned (JSON, which names both)."""
+        return self.channel_dir(channel) / f"{resolution_name(downsample)}_metrics" / f"{_section_file(section)}.json"
 
     def metrics_png(self, channel: int, downsample: bool) -> Path:
         return self.metrics_dir() / f"CH{channel}_{resolution_name(downsample)}.png"
@@ -138,8 +152,8 @@ class AnimalLayout:
     def section_png_dir(self, channel: int, downsample: bool = True) -> Path:
         return self.www / "section" / f"CH{channel}_{resolution_name(downsample)}"
 
-    def section_png(self, channel: int, downsample: bool, position: int) -> Path:
-        return self.section_png_dir(channel, downsample) / f"{section_name(position)}.png"
+    def section_png(self, channel: int, downsample: bool, section: str) -> Path:
+        return self.section_png_dir(channel, downsample) / f"{_section_file(section)}.png"
 
     def histogram_dir(self, channel: int) -> Path:
         return self.www / "histogram" / f"CH{channel}"

@@ -119,6 +119,18 @@ def path_stats(path: Path) -> tuple[int, int, str]:
     return st.st_size, st.st_mtime_ns, sha256_file(path)
 
 
+def unchanged_on_disk(path: Path, row: FileLog) -> bool:
+    """Is the file (or directory tree) at `path` the one `row` recorded? Files: same size and
+    mtime, or else the same sha256 (a file touched but not changed still counts); directories:
+    the same names and sizes (`path_stats`)."""
+    if path.is_dir():
+        return path_stats(path)[2] == row.checksum
+    st = path.stat()
+    if st.st_size != row.size:
+        return False
+    return st.st_mtime_ns == row.mtime_ns or sha256_file(path) == row.checksum
+
+
 def _run_in_worker(func: Callable, kwargs: Mapping[str, Any], outputs: Sequence[str], where: str, debug: bool):
     """Worker side: run the task, then checksum its outputs here, in parallel, not in the parent."""
     try:
@@ -169,6 +181,7 @@ class StageContext:
         self.layout = AnimalLayout(settings.data_root, animal)
         self.run_id = run_id
         self.failures: list[TaskFailure] = []
+        self._unchanged_cache: dict[tuple[str, int], bool] = {}
         self.counts = {"tasks_total": 0, "tasks_run": 0, "tasks_skipped": 0, "tasks_failed": 0}
         self.log = log
 
@@ -183,10 +196,37 @@ class StageContext:
 
     def fail(self, where: str | Path, reason: str) -> None:
         """Record a failure found by the stage itself (not by a task), e.g. a gap in a series."""
-        failure = TaskFailure(key="-", where=str(where), reason=reason)
-        self.failures.append(failure)
-        self.counts["tasks_failed"] += 1
-        log.error(failure.line())
+        self._record_failure(TaskFailure(key="-", where=str(where), reason=reason))
+
+    def output_problem(self, session: Session, path: Path) -> str | None:
+        """Why `path` cannot be trusted as the product of an earlier stage now, or None when it
+        can: it must be recorded in file_log as an output, be unchanged on disk since, and have
+        been made from the current version of each of its recorded inputs (a mask made before
+        its overlay was edited again, or a cleaned section whose mask was remade since, is out
+        of date). A file that merely exists at the path proves nothing."""
+        path = Path(path)
+        if not path.exists():
+            return "is missing"
+        row = current_file(session, self.layout.relative(path))
+        if row is None or row.kind != "output":
+            return "was not made by slidepipe (no record in file_log)"
+        if not self._unchanged(path, row):
+            return "changed on disk since slidepipe wrote it"
+        for used in row.inputs:
+            # An input that is gone (raw slides moved away after extract, say) is not a newer one.
+            source = self.layout.absolute(used.path)
+            newest = current_file(session, used.path)
+            if newest.checksum != used.checksum or (source.exists() and not self._unchanged(source, newest)):
+                return f"is out of date: its input {source} changed since"
+        return None
+
+    def _unchanged(self, path: Path, row: FileLog) -> bool:
+        """`unchanged_on_disk`, once per file and record in this run: a slide is the input of
+        every section on it, and a touched slide would otherwise be hashed once per section."""
+        key = (str(path), row.id)
+        if key not in self._unchanged_cache:
+            self._unchanged_cache[key] = unchanged_on_disk(path, row)
+        return self._unchanged_cache[key]
 
     # ------------------------------------------------------------------------------------
     def execute(self, tasks: Sequence[Task], desc: str | None = None) -> dict[str, dict]:
@@ -200,7 +240,11 @@ class StageContext:
         todo: list[tuple[Task, str, list[int]]] = []
         with self.session() as session:
             for task in tasks:
-                input_rows = [self._input_row(session, Path(p)) for p in task.inputs]
+                try:
+                    input_rows = [self._input_row(session, Path(p)) for p in task.inputs]
+                except SlidepipeError as exc:  # e.g. an input missing: this task fails, the others go on
+                    self._record_failure(TaskFailure(task.key, exc.path or task.describe(), exc.reason))
+                    continue
                 fp = fingerprint(self.stage, self.version, task.key, task.params, [r.checksum for r in input_rows])
                 stored = self._done_result(session, task, fp)
                 if stored is not None:
@@ -263,13 +307,15 @@ class StageContext:
                     self._finish(task, fp, input_ids, outcome, results)
                     bar.update()
 
+    def _record_failure(self, failure: TaskFailure) -> None:
+        self.failures.append(failure)
+        self.counts["tasks_failed"] += 1
+        log.error(failure.line())
+
     def _finish(self, task: Task, fp: str, input_ids: list[int], outcome, results: dict) -> None:
         if outcome[0] == "error":
             _, where, reason = outcome
-            failure = TaskFailure(task.key, where, reason)
-            self.failures.append(failure)
-            self.counts["tasks_failed"] += 1
-            log.error(failure.line())
+            self._record_failure(TaskFailure(task.key, where, reason))
             return
         _, result, stats = outcome
         with self.session() as session:
@@ -331,6 +377,8 @@ class StageContext:
                 st = path.stat()
                 if st.st_size != row.size or st.st_mtime_ns != row.mtime_ns:
                     return None
+            elif path_stats(path)[2] != row.checksum:  # a directory: a chunk deleted, added or truncated
+                return None
             if result is None:
                 result = json.loads(row.result) if row.result else {}
         return result

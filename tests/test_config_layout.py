@@ -7,7 +7,7 @@ import pytest
 from pipeline.atomic import atomic_path, remove_stale_temps, temp_name
 from pipeline.config import Settings, redact_url
 from pipeline.errors import ConfigError
-from pipeline.layout import AnimalLayout
+from pipeline.layout import AnimalLayout, section_key
 
 
 def test_defaults_are_sqlite_under_data_root(tmp_path):
@@ -64,14 +64,18 @@ def test_layout_paths(tmp_path):
     assert lay.czi_dir == tmp_path / "DK1" / "czi"
     assert lay.extracted_tif("DK1_slide002", 0, 2) == tmp_path / "DK1/preps/tif/DK1_slide002_S1_C2.tif"
     assert lay.extracted_thumbnail("x", 3, 1).parent == tmp_path / "DK1/preps/thumbnail_original"
-    assert lay.cleaned(2, True, 7) == tmp_path / "DK1/preps/CH2/thumbnail_cleaned/007.tif"
-    assert lay.aligned(1, False, 12) == tmp_path / "DK1/preps/CH1/full_aligned/012.tif"
-    assert lay.mask(3) == tmp_path / "DK1/preps/masks/CH1/thumbnail_masked/003.tif"
+    key = section_key("DK1_slide002", 2)
+    assert key == "DK1_slide002_S3" and lay.extracted_name("DK1_slide002", 2, 1) == f"{key}_C1.tif"
+    assert lay.cleaned(2, True, key) == tmp_path / "DK1/preps/CH2/thumbnail_cleaned/DK1_slide002_S3.tif"
+    assert lay.aligned(1, False, key) == tmp_path / "DK1/preps/CH1/full_aligned/DK1_slide002_S3.tif"
+    assert lay.mask(key) == tmp_path / "DK1/preps/masks/CH1/thumbnail_masked/DK1_slide002_S3.tif"
+    with pytest.raises(TypeError, match="section_key"):
+        lay.mask(3)  # files are named by the section, never by a position
     assert lay.precomputed_layer(1, True, rechunkme=True).name == "C1T_rechunkme"
     assert lay.precomputed_layer(2, False).name == "C2"
     assert lay.omezarr(1) == tmp_path / "DK1/www/omezarr/C1.ome.zarr"
-    rel = lay.relative(lay.aligned(1, True, 0))
-    assert rel == "DK1/preps/CH1/thumbnail_aligned/000.tif" and lay.absolute(rel) == lay.aligned(1, True, 0)
+    rel = lay.relative(lay.aligned(1, True, key))
+    assert rel == "DK1/preps/CH1/thumbnail_aligned/DK1_slide002_S3.tif" and lay.absolute(rel) == lay.aligned(1, True, key)
 
 
 def test_atomic_path_renames_only_on_success(tmp_path):

@@ -530,13 +530,21 @@ def seed_scan_run(db_url: str, sections: int, channels: int = 1, resolution_um: 
     seed_sections(db_url, STAGE_ANIMAL, sections, channels=channels, resolution_um=resolution_um, z_um=z_um)
 
 
-def place_aligned_stack(layout, stack: np.ndarray, channel: int = 1, downsample: bool = True) -> list[Path]:
+def place_aligned_stack(layout, stack: np.ndarray, channel: int = 1, downsample: bool = True,
+                        db_url: str | None = None) -> list[Path]:
+    """The stack written at the aligned paths of the seeded sections (slide1_S1, ...) and, with
+    `db_url`, recorded as align's outputs (publishing trusts only recorded, unchanged files)."""
+    from pipeline.layout import section_key
+    from tests.helpers_db import record_outputs
+
     paths = []
     for i, section in enumerate(stack):
-        path = layout.aligned(channel, downsample, i)
+        path = layout.aligned(channel, downsample, section_key("slide1", i))
         path.parent.mkdir(parents=True, exist_ok=True)
         tifffile.imwrite(path, section, compression="zlib")
         paths.append(path)
+    if db_url:
+        record_outputs(db_url, layout.data_root, paths)
     return paths
 
 
@@ -574,7 +582,7 @@ def test_stage_publishes_validates_records_and_skips(tmp_path, db_url):
     layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
     seed_scan_run(db_url, 6)
     stack = synthetic_stack((6, 90, 130), zero_rows=10)
-    paths = place_aligned_stack(layout, stack)
+    paths = place_aligned_stack(layout, stack, db_url=db_url)
     assert stage_cli(tmp_path, db_url, "--channel", "1", "--chunk-size", "32,32,2", "--nlevels", "3") == 0
     store = layout.omezarr(1, downsample=True)
     assert store.name == "C1T.ome.zarr"
@@ -611,6 +619,9 @@ def test_stage_publishes_validates_records_and_skips(tmp_path, db_url):
     # A changed section: the store is rebuilt from the new stack.
     stack[3] = stack[3][::-1]
     tifffile.imwrite(paths[3], stack[3], compression="zlib")
+    from tests.helpers_db import record_outputs
+
+    record_outputs(db_url, layout.data_root, [paths[3]])  # as align would
     assert stage_cli(tmp_path, db_url, "--channel", "1", "--chunk-size", "32,32,2", "--nlevels", "3") == 0
     assert last_runs(db_url)[0].tasks_run == 1
     assert np.array_equal(levels(store)[0], stack)
@@ -624,7 +635,7 @@ def test_stage_full_resolution_ngff_04_with_histogram_window(tmp_path, sqlite_ur
     layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
     seed_scan_run(sqlite_url, 4, channels=2)
     stack = synthetic_stack((4, 70, 50), seed=5)
-    place_aligned_stack(layout, stack, channel=2, downsample=False)
+    place_aligned_stack(layout, stack, channel=2, downsample=False, db_url=sqlite_url)
     counts = np.bincount(stack.ravel(), minlength=65536)
     counts[:3000] = 0  # a histogram that differs from the data's own, to see which one is used
     hist = layout.histogram_data(2, downsample=False)
@@ -661,9 +672,9 @@ def test_stage_reports_missing_aligned_sections(tmp_path, sqlite_url, capsys):
 
     layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
     seed_scan_run(sqlite_url, 3)
-    place_aligned_stack(layout, synthetic_stack((2, 20, 20)))
+    place_aligned_stack(layout, synthetic_stack((2, 20, 20)), db_url=sqlite_url)
     assert stage_cli(tmp_path, sqlite_url, "--channel", "1") == 1
-    assert "aligned sections are missing" in capsys.readouterr().err
+    assert "1 of 3 aligned sections cannot be published (slide1_S3 is missing)" in capsys.readouterr().err
     assert last_runs(sqlite_url)[0].status == "failed"
 
 

@@ -20,25 +20,30 @@ from db.session import init_db, session_scope
 from pipeline.create_pipeline import main
 from pipeline.layout import AnimalLayout
 from pipeline.publish.validate import verify_layer
-from tests.helpers_db import seed_sections
+from tests.helpers_db import record_outputs, seed_sections
 
 ANIMAL = "NG1"
 
 
-def seed_animal(db_url: str, sections: int, resolution_um: float = 0.325, z_um: float = 20.0) -> None:
-    seed_sections(db_url, ANIMAL, sections, resolution_um=resolution_um, z_um=z_um, dtype="uint8")
+def seed_animal(db_url: str, sections: int, resolution_um: float = 0.325, z_um: float = 20.0) -> list[str]:
+    return seed_sections(db_url, ANIMAL, sections, resolution_um=resolution_um, z_um=z_um, dtype="uint8")
 
 
-def place_aligned(layout: AnimalLayout, count: int, height: int, width: int, downsample=True, seed=0) -> list:
+def place_aligned(layout: AnimalLayout, names: list[str], height: int, width: int, downsample=True, seed=0,
+                  db_url: str | None = None) -> list:
+    """Aligned sections written by the test and recorded as align's outputs (the stage trusts
+    only recorded, unchanged files)."""
     rng = np.random.default_rng(seed)
     paths = []
-    for i in range(count):
-        path = layout.aligned(1, downsample, i)
+    for i, name in enumerate(names):
+        path = layout.aligned(1, downsample, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         section = rng.integers(0, 200, (height, width), dtype=np.uint8)
         section[10 + i: 30 + i, 10:40] = 255
         tifffile.imwrite(path, section)
         paths.append(path)
+    if db_url:
+        record_outputs(db_url, layout.data_root, paths)
     return paths
 
 
@@ -69,8 +74,7 @@ def read_mip0(layer) -> np.ndarray:
 
 def test_publishes_records_and_skips_on_rerun(tmp_path, db_url):
     layout = AnimalLayout(tmp_path / "data", ANIMAL)
-    seed_animal(db_url, 5)
-    paths = place_aligned(layout, 5, 90, 130)
+    paths = place_aligned(layout, seed_animal(db_url, 5), 90, 130, db_url=db_url)
     assert cli(tmp_path, db_url, "--chunk-size", "32,32,2") == 0
     layer = layout.precomputed_layer(1, True)
     assert layer.name == "C1T" and not layout.precomputed_layer(1, True, rechunkme=True).exists()
@@ -110,12 +114,12 @@ def test_publishes_records_and_skips_on_rerun(tmp_path, db_url):
 
 def test_changed_section_republishes_and_keep_rechunkme(tmp_path, sqlite_url):
     layout = AnimalLayout(tmp_path / "data", ANIMAL)
-    seed_animal(sqlite_url, 4)
-    paths = place_aligned(layout, 4, 70, 70)
+    paths = place_aligned(layout, seed_animal(sqlite_url, 4), 70, 70, db_url=sqlite_url)
     assert cli(tmp_path, sqlite_url, "--chunk-size", "16,16,2", "--keep-rechunkme") == 0
     temp = layout.precomputed_layer(1, True, rechunkme=True)
     assert (temp / "info").is_file(), "--keep-rechunkme keeps the step-1 layer"
     tifffile.imwrite(paths[2], np.full((70, 70), 7, dtype=np.uint8))
+    record_outputs(sqlite_url, layout.data_root, [paths[2]])  # align made it again
     assert cli(tmp_path, sqlite_url, "--chunk-size", "16,16,2", "--keep-rechunkme") == 0
     run = last_run(sqlite_url)
     assert run.tasks_run == 2, "only the changed section's step-1 task and the layer"
@@ -126,6 +130,7 @@ def test_changed_section_republishes_and_keep_rechunkme(tmp_path, sqlite_url):
     assert not temp.exists()
     # A change after the temporary layer is gone rebuilds all of step 1, not just one section.
     tifffile.imwrite(paths[0], np.full((70, 70), 9, dtype=np.uint8))
+    record_outputs(sqlite_url, layout.data_root, [paths[0]])
     assert cli(tmp_path, sqlite_url, "--chunk-size", "16,16,2") == 0
     assert last_run(sqlite_url).tasks_run == 5
     got = read_mip0(layout.precomputed_layer(1, True))
@@ -135,8 +140,8 @@ def test_changed_section_republishes_and_keep_rechunkme(tmp_path, sqlite_url):
 
 def test_full_resolution_with_z_padding_and_a_queue(tmp_path, sqlite_url):
     layout = AnimalLayout(tmp_path / "data", ANIMAL)
-    seed_animal(sqlite_url, 5, resolution_um=0.5, z_um=1.0)
-    paths = place_aligned(layout, 5, 100, 120, downsample=False)
+    paths = place_aligned(layout, seed_animal(sqlite_url, 5, resolution_um=0.5, z_um=1.0), 100, 120, downsample=False,
+                          db_url=sqlite_url)
     code = cli(tmp_path, sqlite_url, "--downsample", "false", "--chunk-size", "16,16,2",
                "--queue", "fq://" + str(tmp_path / "queue"), "--verify-sample", "0")
     assert code == 0
@@ -149,15 +154,33 @@ def test_full_resolution_with_z_padding_and_a_queue(tmp_path, sqlite_url):
     assert np.array_equal(read_mip0(layer)[:120, :100, :5], stack_of(paths))
 
 
-def test_missing_aligned_sections_fail_with_the_file_named(tmp_path, sqlite_url, capsys):
+def test_missing_or_unrecorded_aligned_sections_refuse_with_the_sections_named(tmp_path, sqlite_url, capsys):
     layout = AnimalLayout(tmp_path / "data", ANIMAL)
-    seed_animal(sqlite_url, 3)
-    paths = place_aligned(layout, 3, 40, 40)
+    names = seed_animal(sqlite_url, 3)
+    paths = place_aligned(layout, names, 40, 40, db_url=sqlite_url)
     paths[1].unlink()
+    tifffile.imwrite(paths[2], np.zeros((40, 40), np.uint8))  # changed after align wrote it
     assert cli(tmp_path, sqlite_url) == 1
     err = capsys.readouterr().err
-    assert "1 of 3 aligned sections are missing" in err and "001.tif" in err and "--task align" in err
-    assert last_run(sqlite_url).status == "failed"
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "2 of 3 aligned sections cannot be published" in lines[0]
+    assert f"{names[1]} is missing" in lines[0] and f"{names[2]} changed on disk" in lines[0]
+    assert "--task align --channel 1 --downsample true" in lines[0]
+    assert ("UPDATE slide_czi_to_tif SET active = 0 WHERE (FK_slide_id = 1 AND scene_index = 1) OR "
+            "(FK_slide_id = 1 AND scene_index = 2);") in lines[0]
+    run = last_run(sqlite_url)
+    assert run.status == "failed" and "cannot be published" in run.error
+    assert not layout.precomputed_layer(1, True).exists() and not layout.precomputed_layer(1, True, True).exists()
+
+
+def test_before_extract_says_run_extract_first(tmp_path, sqlite_url, capsys):
+    for task in ("neuroglancer", "omezarr"):
+        code = main(["--animal", "NEW1", "--task", task, "--data-root", str(tmp_path / "data"), "--db-url", sqlite_url])
+        assert code == 1
+        err = capsys.readouterr().err
+        assert "run --task extract first" in err and "pixel size" not in err, err
+        assert last_run(sqlite_url).status == "failed"
 
 
 @pytest.mark.parametrize("bad", ["32,32", "0,32,2", "a,b,c"])

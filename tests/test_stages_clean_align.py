@@ -18,15 +18,16 @@ from scipy import ndimage as ndi
 from sqlalchemy import select
 
 from db.models import AlignmentMetric, ElastixTransformation, FileLog, PipelineRun, ScanRun
-from db.queries import files_of_run, ordered_sections
+from db.queries import files_of_run, ordered_sections, section_key_of
 from db.session import init_db, session_scope
 from pipeline.create_pipeline import main
 from pipeline.imaging.downsample import downsample_area
 from pipeline.imaging.mask import dice, mask_from_overlay
 from pipeline.imaging.orient import Orientation, plan_clean, tissue_box
 from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
-from pipeline.layout import THUMBNAIL_FACTOR, AnimalLayout
+from pipeline.layout import THUMBNAIL_FACTOR, AnimalLayout, section_key
 from pipeline.sample import SampleTruth, build_sample
+from tests.helpers_db import record_outputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig")  # ITK's SWIG wrappers
 
@@ -50,18 +51,27 @@ def made_by_last_run(db_url: str, root: Path) -> set[str]:
         return {row.path.split("/", 1)[1] for row in files_of_run(s, run.id)}
 
 
+def keys(db_url: str, animal: str = "DEMO") -> list[str]:
+    """The section keys (file names) of the active stack, in its order now."""
+    with session_scope(init_db(db_url)) as s:
+        return [section_key_of(r) for r in ordered_sections(s, animal, 1)]
+
+
 def copy_sample(sample: Path, tmp_path: Path) -> Path:
     root = tmp_path / "data"
     shutil.copytree(sample / "DEMO", root / "DEMO")
     return root
 
 
-def aligned_copy(sample: Path, tmp_path: Path, db_url: str) -> tuple[Path, AnimalLayout, int]:
-    """A copy of the sample taken through extract, mask, clean and align (thumbnails)."""
+def aligned_copy(sample: Path, tmp_path: Path, db_url: str) -> tuple[Path, AnimalLayout, list[str]]:
+    """A copy of the sample taken through extract, mask, clean and align (thumbnails), and the
+    section keys in stack order."""
     root = copy_sample(sample, tmp_path)
     for task in ("extract", "mask", "clean", "align"):
         assert cli(root, db_url, task) == 0, task
-    return root, AnimalLayout(root, "DEMO"), SampleTruth.load(root, "DEMO").section_count
+    names = keys(db_url)
+    assert len(names) == SampleTruth.load(root, "DEMO").section_count
+    return root, AnimalLayout(root, "DEMO"), names
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +91,7 @@ def test_chain_on_the_tiny_sample(tiny_sample, tmp_path, db_url):
     layout = AnimalLayout(root, "DEMO")
     assert cli(root, db_url, "extract") == 0
     count = SampleTruth.load(root, "DEMO").section_count
+    n = keys(db_url)
     # quarter turn + horizontal mirror, set on the scan run by flags of any task
     assert cli(root, db_url, "mask", "--scan-rotation", "1", "--flop", "true") == 0
     assert cli(root, db_url, "clean") == 0
@@ -89,22 +100,22 @@ def test_chain_on_the_tiny_sample(tiny_sample, tmp_path, db_url):
         scan_run = s.scalars(select(ScanRun)).one()
         sections = ordered_sections(s, "DEMO", 1)
         stems = [(Path(r.slide.file_name).stem, r.scene_index) for r in sections]
-    canvas = read(layout.cleaned(1, True, 0)).shape
+    canvas = read(layout.cleaned(1, True, n[0])).shape
     assert (scan_run.height, scan_run.width) == (canvas[0] * THUMBNAIL_FACTOR, canvas[1] * THUMBNAIL_FACTOR)
     # the cleaned section is the masked tissue box turned 90 degrees ccw, mirrored left-right, centred
     thumb = read(layout.extracted_thumbnail(*stems[2], 1))
-    mask = read(layout.mask(2)) > 0
+    mask = read(layout.mask(n[2])) > 0
     y0, y1, x0, x1 = tissue_box(mask)
     expected = np.fliplr(np.rot90(np.where(mask, thumb, 0)[y0:y1, x0:x1]))
-    cleaned = read(layout.cleaned(1, True, 2))
+    cleaned = read(layout.cleaned(1, True, n[2]))
     oy, ox = (canvas[0] - expected.shape[0]) // 2, (canvas[1] - expected.shape[1]) // 2
     assert np.array_equal(cleaned[oy:oy + expected.shape[0], ox:ox + expected.shape[1]], expected)
     assert cleaned.sum() == expected.sum()
 
     assert cli(root, db_url, "histogram") == 0
     combined = np.load(layout.histogram_data(1, True))["counts"]
-    parts = sum(np.load(layout.histogram_data(1, True, p))["counts"] for p in range(count))
-    assert np.array_equal(combined, parts) and combined.sum() == sum((read(layout.mask(p)) > 0).sum() for p in range(count))
+    parts = sum(np.load(layout.histogram_data(1, True, name))["counts"] for name in n)
+    assert np.array_equal(combined, parts) and combined.sum() == sum((read(layout.mask(name)) > 0).sum() for name in n)
     assert layout.histogram_png(1, True).stat().st_size > 0
 
     assert cli(root, db_url, "align") == 0
@@ -116,7 +127,7 @@ def test_chain_on_the_tiny_sample(tiny_sample, tmp_path, db_url):
         assert [r.FK_section_id for r in rows] == [r.id for r in sections[1:]]
         assert [r.FK_fixed_section_id for r in rows] == [r.id for r in sections[:-1]]
         assert all(not r.manual and r.metric is not None and r.iteration > 0 and r.FK_pipeline_run_id == align_run.id for r in rows)
-    aligned = [read(layout.aligned(1, True, p)) for p in range(count)]
+    aligned = [read(layout.aligned(1, True, name)) for name in n]
     assert all(a.shape == canvas and a.any() for a in aligned)
 
     assert cli(root, db_url, "create_metrics") == 0
@@ -129,8 +140,8 @@ def test_chain_on_the_tiny_sample(tiny_sample, tmp_path, db_url):
     # channel 2 reuses channel 1's masks and transforms: no registration runs again
     assert cli(root, db_url, "clean", "--channel", "2") == 0
     assert cli(root, db_url, "align", "--channel", "2") == 0
-    assert made_by_last_run(db_url, root) == {f"preps/CH2/thumbnail_aligned/{p:03d}.tif" for p in range(count)}
-    assert all(read(layout.aligned(2, True, p)).any() for p in range(count))
+    assert made_by_last_run(db_url, root) == {f"preps/CH2/thumbnail_aligned/{name}.tif" for name in n}
+    assert all(read(layout.aligned(2, True, name)).any() for name in n)
 
     # a rerun does nothing
     assert cli(root, db_url, "align") == 0
@@ -140,12 +151,12 @@ def test_chain_on_the_tiny_sample(tiny_sample, tmp_path, db_url):
     reference = count // 2
     target = count - 1
     assert target > reference
-    before = {p: layout.aligned(1, True, p).stat().st_mtime_ns for p in range(count)}
+    before = {p: layout.aligned(1, True, n[p]).stat().st_mtime_ns for p in range(count)}
     assert cli(root, db_url, "align", "--section", str(target), "--rotation", "2", "--xshift", "1.5", "--yshift", "-1") == 0
-    assert made_by_last_run(db_url, root) == {f"preps/transforms/composed/{p:03d}.json" for p in range(count)} | {
-        f"preps/CH1/thumbnail_aligned/{target:03d}.tif"}
-    assert {p for p in range(count) if layout.aligned(1, True, p).stat().st_mtime_ns != before[p]} == {target}
-    composed = {p: json.loads(layout.section_transform(p).read_text()) for p in (target - 1, target)}
+    assert made_by_last_run(db_url, root) == {f"preps/transforms/composed/{name}.json" for name in n} | {
+        f"preps/CH1/thumbnail_aligned/{n[target]}.tif"}
+    assert {p for p in range(count) if layout.aligned(1, True, n[p]).stat().st_mtime_ns != before[p]} == {target}
+    composed = {p: json.loads(layout.section_transform(n[p]).read_text()) for p in (target - 1, target)}
     assert composed[target]["pairwise_source"] == "manual"
     manual = rigid_matrix(np.deg2rad(2), 1.5, -1, canvas_center(canvas))
     assert np.allclose(np.array(composed[target]["matrix"]), manual @ np.array(composed[target - 1]["matrix"]))
@@ -153,47 +164,48 @@ def test_chain_on_the_tiny_sample(tiny_sample, tmp_path, db_url):
         manual_rows = s.scalars(select(ElastixTransformation).where(ElastixTransformation.manual.is_(True))).all()
     assert len(manual_rows) == 1 and manual_rows[0].section == f"{target:03d}" and manual_rows[0].active
     assert manual_rows[0].rotation == pytest.approx(np.deg2rad(2))
-    assert cli(root, db_url, "align", "--section", str(target), "--clear-manual") == 0
-    assert json.loads(layout.section_transform(target).read_text())["pairwise_source"] != "manual"
-    assert made_by_last_run(db_url, root) & {f"preps/CH1/thumbnail_aligned/{p:03d}.tif" for p in range(count)} == {
-        f"preps/CH1/thumbnail_aligned/{target:03d}.tif"}
+    assert cli(root, db_url, "align", "--section", n[target], "--clear-manual") == 0  # by name, too
+    assert json.loads(layout.section_transform(n[target]).read_text())["pairwise_source"] != "manual"
+    assert made_by_last_run(db_url, root) & {f"preps/CH1/thumbnail_aligned/{name}.tif" for name in n} == {
+        f"preps/CH1/thumbnail_aligned/{n[target]}.tif"}
 
 
 def test_edited_overlay_reruns_exactly_the_affected_sections(tiny_sample, tmp_path, sqlite_url):
-    root, layout, count = aligned_copy(tiny_sample, tmp_path, sqlite_url)
+    root, layout, n = aligned_copy(tiny_sample, tmp_path, sqlite_url)
+    count = len(n)
     edited = 1
-    overlay_path = layout.mask(edited, True, "colored")
+    overlay_path = layout.mask(n[edited], True, "colored")
     overlay = read(overlay_path)
-    auto = read(layout.mask(edited)) > 0
+    auto = read(layout.mask(n[edited])) > 0
     assert np.array_equal(mask_from_overlay(overlay), auto)
     # the user erases the left third of the tissue (paints it grey) in a paint program
     y0, y1, x0, x1 = tissue_box(auto)
     cut = x0 + (x1 - x0) // 3
     overlay[:, :cut] = 128
     tifffile.imwrite(overlay_path, overlay, photometric="rgb")
-    aligned_before = {p: layout.aligned(1, True, p).stat().st_mtime_ns for p in range(count)}
+    aligned_before = {p: layout.aligned(1, True, n[p]).stat().st_mtime_ns for p in range(count)}
 
     assert cli(root, sqlite_url, "mask") == 0
-    assert made_by_last_run(sqlite_url, root) == {f"preps/masks/CH1/thumbnail_masked/{edited:03d}.tif"}
-    new_mask = read(layout.mask(edited)) > 0
+    assert made_by_last_run(sqlite_url, root) == {f"preps/masks/CH1/thumbnail_masked/{n[edited]}.tif"}
+    new_mask = read(layout.mask(n[edited])) > 0
     assert np.array_equal(new_mask, auto & (np.arange(auto.shape[1]) >= cut)[None, :])
     with session_scope(init_db(sqlite_url)) as s:
-        row = s.scalars(select(FileLog).where(FileLog.path.endswith(f"thumbnail_masked/{edited:03d}.tif"))
+        row = s.scalars(select(FileLog).where(FileLog.path.endswith(f"thumbnail_masked/{n[edited]}.tif"))
                         .order_by(FileLog.id.desc())).first()
         result = json.loads(row.result)
         assert result["source"] == "edited overlay" and result["pixels_changed_by_edit"] == int((auto & ~new_mask).sum())
-        assert any(i.path.endswith(f"thumbnail_colored/{edited:03d}.tif") and i.kind == "external" for i in row.inputs)
+        assert any(i.path.endswith(f"thumbnail_colored/{n[edited]}.tif") and i.kind == "external" for i in row.inputs)
     assert cli(root, sqlite_url, "mask") == 0  # the edit is kept, nothing recomputed
-    assert last_run(sqlite_url).tasks_run == 0 and np.array_equal(read(layout.mask(edited)) > 0, new_mask)
+    assert last_run(sqlite_url).tasks_run == 0 and np.array_equal(read(layout.mask(n[edited])) > 0, new_mask)
 
     assert cli(root, sqlite_url, "clean") == 0
-    assert made_by_last_run(sqlite_url, root) == {f"preps/CH1/thumbnail_cleaned/{edited:03d}.tif",
-                                                  f"www/section/CH1_thumbnail/{edited:03d}.png"}
+    assert made_by_last_run(sqlite_url, root) == {f"preps/CH1/thumbnail_cleaned/{n[edited]}.tif",
+                                                  f"www/section/CH1_thumbnail/{n[edited]}.png"}
     assert cli(root, sqlite_url, "align") == 0
     made = made_by_last_run(sqlite_url, root)
-    pairs = {p for p in range(count) if f"preps/transforms/pairwise/{p:03d}.json" in made}
+    pairs = {p for p in range(count) if f"preps/transforms/pairwise/{n[p]}.json" in made}
     assert pairs == {edited, edited + 1}  # the two registrations that involve the edited section
-    rewarped = {p for p in range(count) if layout.aligned(1, True, p).stat().st_mtime_ns != aligned_before[p]}
+    rewarped = {p for p in range(count) if layout.aligned(1, True, n[p]).stat().st_mtime_ns != aligned_before[p]}
     # sections between the edit and the reference (3) keep their transforms; those beyond it follow it
     reference = count // 2
     assert edited in rewarped and rewarped <= set(range(0, edited + 1))
@@ -205,6 +217,7 @@ def test_bad_sections_fail_alone_and_are_never_black(tiny_sample, tmp_path, sqli
     layout = AnimalLayout(root, "DEMO")
     assert cli(root, sqlite_url, "extract") == 0
     count = SampleTruth.load(root, "DEMO").section_count
+    n = keys(sqlite_url)
     with session_scope(init_db(sqlite_url)) as s:
         rows = ordered_sections(s, "DEMO", 1)
         thumbs = [layout.extracted_thumbnail(Path(r.slide.file_name).stem, r.scene_index, 1) for r in rows]
@@ -215,28 +228,29 @@ def test_bad_sections_fail_alone_and_are_never_black(tiny_sample, tmp_path, sqli
     # section 4: a section of another size (the scene was cropped larger)
     bigger = np.pad(read(thumbs[4]), 9, mode="edge")
     tifffile.imwrite(thumbs[4], bigger)
+    record_outputs(sqlite_url, root, [thumbs[2], thumbs[4]], stage="extract")  # as if extract had made them
 
     assert cli(root, sqlite_url, "mask") == 1
     run = last_run(sqlite_url)
     assert run.status == "failed" and run.tasks_failed == 1
     assert f"{thumbs[2]}: no tissue found" in run.error
-    assert not layout.mask(2).exists() and layout.mask(2, True, "colored").exists()  # overlay left for painting
-    assert all(layout.mask(p).exists() for p in range(count) if p != 2)
+    assert not layout.mask(n[2]).exists() and layout.mask(n[2], True, "colored").exists()  # overlay left for painting
+    assert all(layout.mask(name).exists() for p, name in enumerate(n) if p != 2)
 
     assert cli(root, sqlite_url, "clean") == 1
-    assert "section 002 has no mask" in last_run(sqlite_url).error
-    cleaned = {p: read(layout.cleaned(1, True, p)) for p in range(count) if p != 2}
-    assert not layout.cleaned(1, True, 2).exists()
+    assert f"section {n[2]} (position 002): the mask is missing: run --task mask" in last_run(sqlite_url).error
+    cleaned = {p: read(layout.cleaned(1, True, name)) for p, name in enumerate(n) if p != 2}
+    assert not layout.cleaned(1, True, n[2]).exists()
     assert len({c.shape for c in cleaned.values()}) == 1  # one canvas for the larger section too
-    mask4 = read(layout.mask(4)) > 0
+    mask4 = read(layout.mask(n[4])) > 0
     assert cleaned[4].sum() == np.where(mask4, bigger, 0).sum()  # nothing of it cropped away
 
     assert cli(root, sqlite_url, "align") == 1
     error = last_run(sqlite_url).error
-    assert "section 002 has no cleaned channel-1 thumbnail" in error
-    assert json.loads(layout.pairwise_transform(3).read_text())["fixed"] == 1  # bridged over the gap
-    assert not layout.aligned(1, True, 2).exists()
-    assert all(read(layout.aligned(1, True, p)).any() for p in range(count) if p != 2)
+    assert f"section {n[2]} (position 002): the cleaned channel-1 thumbnail is missing" in error
+    assert json.loads(layout.pairwise_transform(n[3]).read_text())["fixed"] == n[1]  # bridged over the gap
+    assert not layout.aligned(1, True, n[2]).exists()
+    assert all(read(layout.aligned(1, True, name)).any() for p, name in enumerate(n) if p != 2)
 
     # a canvas fixed too small by the user: the sections that do not fit fail, none is cropped
     with session_scope(init_db(sqlite_url)) as s:
@@ -258,16 +272,22 @@ def small_processed(tmp_path_factory):
     return root, db_url
 
 
+def truth_keys(truth: SampleTruth) -> list[str]:
+    """Section keys in the sample's own order (which is the stack order: nothing is reordered)."""
+    return [section_key(Path(s.slide_file).stem, s.scene_index) for s in truth.sections]
+
+
 def truth_canvas_matrices(root: Path) -> list[np.ndarray]:
     """Per section: phantom frame (full-res px) -> cleaned thumbnail canvas (thumbnail px)."""
     truth = SampleTruth.load(root, "DEMO")
     layout = AnimalLayout(root, "DEMO")
     f = THUMBNAIL_FACTOR
     full_to_thumb = np.array([[1 / f, 0, -(f - 1) / (2 * f)], [0, 1 / f, -(f - 1) / (2 * f)], [0, 0, 1]])
-    canvas = read(layout.cleaned(1, True, 0)).shape
+    n = truth_keys(truth)
+    canvas = read(layout.cleaned(1, True, n[0])).shape
     matrices = []
     for s in truth.sections:
-        geometry = plan_clean(read(layout.mask(s.position)) > 0, Orientation(), canvas)
+        geometry = plan_clean(read(layout.mask(n[s.position])) > 0, Orientation(), canvas)
         matrices.append(geometry.source_to_canvas() @ full_to_thumb @ np.vstack([np.array(s.phantom_to_scene), [0, 0, 1]]))
     return matrices
 
@@ -279,7 +299,7 @@ def test_masks_match_the_true_footprints(small_processed):
     layout = AnimalLayout(root, "DEMO")
     scores, debris_hits, debris_total = [], 0, 0
     for s in truth.sections:
-        mask = read(layout.mask(s.position)) > 0
+        mask = read(layout.mask(truth_keys(truth)[s.position])) > 0
         footprint = truth.footprint(s.position, thumbnail=True)
         scores.append(dice(mask, footprint))
         near_tissue = ndi.binary_dilation(footprint, iterations=2)
@@ -300,14 +320,15 @@ def test_registration_recovers_the_true_relative_transforms(small_processed):
     root, _ = small_processed
     layout = AnimalLayout(root, "DEMO")
     truth = truth_canvas_matrices(root)
-    canvas = read(layout.cleaned(1, True, 0)).shape
+    n = truth_keys(SampleTruth.load(root, "DEMO"))
+    canvas = read(layout.cleaned(1, True, n[0])).shape
     center = canvas_center(canvas)
     errors, rotation_errors = [], []
     for i in range(1, len(truth)):
         true = truth[i] @ np.linalg.inv(truth[i - 1])
-        found = json.loads(layout.pairwise_transform(i).read_text())
+        found = json.loads(layout.pairwise_transform(n[i]).read_text())
         matrix = rigid_matrix(found["rotation"], found["xshift"], found["yshift"], center)
-        yy, xx = np.nonzero(read(layout.cleaned(1, True, i - 1)))
+        yy, xx = np.nonzero(read(layout.cleaned(1, True, n[i - 1])))
         points = np.stack([xx, yy, np.ones_like(xx)]).astype(float)
         errors.append(np.sqrt(((matrix @ points - true @ points)[:2] ** 2).sum(axis=0).mean()))
         rotation_errors.append(np.rad2deg(found["rotation"] - rigid_parameters(true, center)[0]))
@@ -321,9 +342,9 @@ def test_registration_recovers_the_true_relative_transforms(small_processed):
     reference = len(truth) // 2
     drift = []
     for i in range(len(truth)):
-        composed = np.array(json.loads(layout.section_transform(i).read_text())["matrix"])
+        composed = np.array(json.loads(layout.section_transform(n[i]).read_text())["matrix"])
         true = truth[i] @ np.linalg.inv(truth[reference])
-        yy, xx = np.nonzero(read(layout.aligned(1, True, i)))
+        yy, xx = np.nonzero(read(layout.aligned(1, True, n[i])))
         points = np.stack([xx, yy, np.ones_like(xx)]).astype(float)
         drift.append(np.sqrt(((composed @ points - true @ points)[:2] ** 2).sum(axis=0).mean()))
     print(f"composed to section {reference:03d}: error RMS {np.sqrt(np.mean(np.square(drift))):.3f} px, "
@@ -331,20 +352,21 @@ def test_registration_recovers_the_true_relative_transforms(small_processed):
 
 
 def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_path, sqlite_url):
-    root, layout, count = aligned_copy(tiny_sample, tmp_path, sqlite_url)
+    root, layout, n = aligned_copy(tiny_sample, tmp_path, sqlite_url)
+    count = len(n)
     full = ("--downsample", "false")
     assert cli(root, sqlite_url, "mask", *full) == 0
     with session_scope(init_db(sqlite_url)) as s:
         rows = ordered_sections(s, "DEMO", 1)
     for position, row in enumerate(rows):
-        full_mask = read(layout.mask(position, False))
-        expected = np.repeat(np.repeat(read(layout.mask(position)), 32, 0), 32, 1)[:row.height, :row.width]
+        full_mask = read(layout.mask(n[position], False))
+        expected = np.repeat(np.repeat(read(layout.mask(n[position])), 32, 0), 32, 1)[:row.height, :row.width]
         assert np.array_equal(full_mask, expected)  # nearest neighbour: still 0/255, no halo
     assert cli(root, sqlite_url, "clean", *full) == 0
     assert cli(root, sqlite_url, "align", *full) == 0
     made = made_by_last_run(sqlite_url, root)
-    assert made == {f"preps/CH1/full_aligned/{p:03d}.tif" for p in range(count)}  # no registration, no compose
-    for p in range(count):
+    assert made == {f"preps/CH1/full_aligned/{name}.tif" for name in n}  # no registration, no compose
+    for p in n:
         thumb = read(layout.aligned(1, True, p)).astype(np.float64)
         reduced = downsample_area(read(layout.aligned(1, False, p)), THUMBNAIL_FACTOR).astype(np.float64)
         assert reduced.shape == thumb.shape
@@ -353,7 +375,7 @@ def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_
         assert np.array_equal(downsample_area(read(layout.cleaned(1, False, p)), THUMBNAIL_FACTOR), read(layout.cleaned(1, True, p)))
     assert cli(root, sqlite_url, "histogram", *full) == 0
     counts = np.load(layout.histogram_data(1, False))["counts"]
-    assert counts.sum() == sum(int((read(layout.mask(p, False)) > 0).sum()) for p in range(count))
+    assert counts.sum() == sum(int((read(layout.mask(p, False)) > 0).sum()) for p in n)
     assert cli(root, sqlite_url, "create_metrics", *full) == 0
     with session_scope(init_db(sqlite_url)) as s:
         metrics = s.scalars(select(AlignmentMetric).where(AlignmentMetric.resolution == "full")
@@ -363,8 +385,8 @@ def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_
     from pipeline.imaging.metrics import PairAccumulator, overlap_range
 
     last = metrics[-1]
-    whole = PairAccumulator(*overlap_range(read(layout.aligned(1, True, count - 2)), read(layout.aligned(1, True, count - 1))))
-    whole.add(read(layout.aligned(1, False, count - 2)), read(layout.aligned(1, False, count - 1)))
+    whole = PairAccumulator(*overlap_range(read(layout.aligned(1, True, n[-2])), read(layout.aligned(1, True, n[-1]))))
+    whole.add(read(layout.aligned(1, False, n[-2])), read(layout.aligned(1, False, n[-1])))
     expected = whole.result()
     assert last.ncc == pytest.approx(expected["ncc"], abs=1e-9)
     assert last.mutual_information == pytest.approx(expected["mutual_information"], abs=1e-9)

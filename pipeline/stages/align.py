@@ -3,22 +3,25 @@ resample every section once.
 
 Three phases, each a set of runner tasks so that a change re-runs only what depends on it:
 
-1. `pair:NNN` registers section NNN (moving) onto the previous section (fixed) and writes
-   `preps/transforms/pairwise/NNN.json`; the result becomes an `elastix_transformation` row.
+1. `pair:<section>` registers a section (moving) onto the previous section (fixed) and writes
+   `preps/transforms/pairwise/<section>.json`; the result becomes an `elastix_transformation`
+   row. Files are named by the section's key (`<slide>_S<scene>`), and the neighbour is a
+   parameter: a reorder redoes exactly the pairs whose neighbour changed.
 2. `compose` turns the pairwise transforms (or a manual row, which wins) into one transform per
-   section onto the reference (middle) section, `preps/transforms/composed/NNN.json`. A file is
-   rewritten only when its content changes.
-3. `warp:NNN` resamples the cleaned section of the stage's channel and resolution with its
+   section onto the reference (middle) section, `preps/transforms/composed/<section>.json`. A
+   file is rewritten only when its content changes; the task's result records the stack order.
+3. `warp:<section>` resamples the cleaned section of the stage's channel and resolution with its
    composed transform (an input of the task: a changed transform re-runs exactly its sections).
 
 Every channel and both resolutions use the channel-1 thumbnail transforms; full resolution
-scales them by the exact canvas ratio and warps tile by tile. A section without a cleaned
-channel-1 thumbnail is reported and bridged: its neighbours are registered to each other.
+scales them by the exact canvas ratio and warps tile by tile. A section without a usable
+cleaned channel-1 thumbnail (missing, or out of date) is reported and bridged: its neighbours
+are registered to each other.
 
-Manual override: `--task align --section N --rotation DEG --xshift PX --yshift PX` stores a
-manual row (thumbnail pixels, rotation in degrees on the command line, radians in the table)
-that replaces the computed transform of section N onto its previous neighbour;
-`--section N --clear-manual` removes it.
+Manual override: `--task align --section S --rotation DEG --xshift PX --yshift PX` (S: the
+section's key `<slide>_S<scene>`, or its position now) stores a manual row (thumbnail pixels,
+rotation in degrees on the command line, radians in the table) that replaces the computed
+transform of section S onto its previous neighbour; `--section S --clear-manual` removes it.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ PER_CHANNEL = True
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--section", type=int, default=None,
-                       help="align: section position (0-based, as in file names NNN) for a manual transform")
+    group.add_argument("--section", default=None,
+                       help="align: the section of a manual transform: its key <slide>_S<scene> (as in the file "
+                            "names), or its position in the stack (0-based)")
     group.add_argument("--rotation", type=float, default=None,
                        help="align: manual rotation of --section onto the previous section, degrees")
     group.add_argument("--xshift", type=float, default=None, help="align: manual x shift, thumbnail pixels")
@@ -55,7 +59,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 # ---------------------------------------------------------------------------- worker functions
-def register_task(fixed: str, moving: str, output: str, fixed_position: int, moving_position: int,
+def register_task(fixed: str, moving: str, output: str, fixed_section: str, moving_section: str,
                   backend: str, threads: int | None = None) -> dict:
     from pipeline.imaging.register import register_pair
     from pipeline.stages.section_files import read_image
@@ -68,14 +72,14 @@ def register_task(fixed: str, moving: str, output: str, fixed_position: int, mov
         result = register_pair(fixed_image, moving_image, backend=backend, threads=threads)
     except SlidepipeError as exc:
         raise SlidepipeError(exc.reason, moving) from exc
-    data = {"fixed": fixed_position, "moving": moving_position, **result.to_dict()}
+    data = {"fixed": fixed_section, "moving": moving_section, **result.to_dict()}
     with atomic_path(Path(output)) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
     return data
 
 
-def compose_task(chain: list[dict], reference: int, canvas: list[int], outputs: dict[str, str]) -> dict:
-    """chain: per available section in order, {"position", "pairwise": path | None, "manual": [rot, x, y] | None}."""
+def compose_task(chain: list[dict], reference: str, canvas: list[int], outputs: dict[str, str]) -> dict:
+    """chain: per available section in stack order, {"section", "pairwise": path | None, "manual": [rot, x, y] | None}."""
     from pipeline.imaging.transforms import canvas_center, compose_to_reference, rigid_matrix, rigid_parameters
 
     center = canvas_center(tuple(canvas))
@@ -87,28 +91,28 @@ def compose_task(chain: list[dict], reference: int, canvas: list[int], outputs: 
             sources.append("manual")
             continue
         data = json.loads(Path(link["pairwise"]).read_text())
-        if data["fixed"] != previous["position"] or data["moving"] != link["position"]:
+        if data["fixed"] != previous["section"] or data["moving"] != link["section"]:
             raise SlidepipeError(f"pairwise transform is for {data['fixed']}->{data['moving']}, expected "
-                                 f"{previous['position']}->{link['position']}", link["pairwise"])
+                                 f"{previous['section']}->{link['section']}", link["pairwise"])
         pairwise.append(rigid_matrix(data["rotation"], data["xshift"], data["yshift"], center))
         sources.append(data["backend"])
-    index = [link["position"] for link in chain].index(reference)
+    index = [link["section"] for link in chain].index(reference)
     composed = compose_to_reference(pairwise, index)
     summary = {}
     for link, matrix, source in zip(chain, composed, sources):
         rotation, xshift, yshift = rigid_parameters(matrix, center)
         payload = json.dumps({
-            "position": link["position"], "reference": reference, "canvas": list(canvas),
+            "section": link["section"], "reference": reference, "canvas": list(canvas),
             "matrix": [[float(v) for v in row] for row in matrix],
             "rotation": rotation, "xshift": xshift, "yshift": yshift, "pairwise_source": source,
             "convention": "aligned(p) = cleaned(matrix @ p); p = (x, y, 1) thumbnail pixel centres of the canvas",
         }, indent=1)
-        path = Path(outputs[str(link["position"])])
+        path = Path(outputs[link["section"]])
         if not path.is_file() or path.read_text() != payload:
             with atomic_path(path) as tmp:
                 tmp.write_text(payload)
-        summary[section_name(link["position"])] = [rotation, xshift, yshift]
-    return {"reference": reference, "transforms": summary}
+        summary[link["section"]] = [rotation, xshift, yshift]
+    return {"reference": reference, "order": [link["section"] for link in chain], "transforms": summary}
 
 
 def warp_thumbnail(source: str, transform: str, output: str) -> dict:
@@ -148,26 +152,21 @@ def warp_full(source: str, transform: str, output: str) -> dict:
 # ------------------------------------------------------------------------------------ the stage
 def run(ctx: StageContext) -> None:
     from pipeline.imaging.register import elastix_available
-    from pipeline.stages.section_files import list_sections
+    from pipeline.stages.section_files import list_sections, usable
 
     sections = list_sections(ctx, channel=1)
     if ctx.params.get("section") is not None:
         _store_manual(ctx, sections)
     elif any(ctx.params.get(k) is not None for k in ("rotation", "xshift", "yshift", "clear_manual")):
-        raise SlidepipeError("--rotation/--xshift/--yshift/--clear-manual need --section N")
+        raise SlidepipeError("--rotation/--xshift/--yshift/--clear-manual need --section S")
     backend = ctx.params.get("registration") or "auto"
     if backend == "auto":
         backend = "elastix" if elastix_available() else "simpleitk"
     _record_registration_settings(ctx, backend)
 
-    available = []
-    for s in sections:
-        cleaned = ctx.layout.cleaned(1, True, s.position)
-        if cleaned.is_file():
-            available.append(s)
-        else:
-            ctx.fail(cleaned, f"section {s.name} has no cleaned channel-1 thumbnail: it is left out of the stack "
-                              "and its neighbours are registered to each other")
+    available = usable(ctx, sections, lambda s: ctx.layout.cleaned(1, True, s.name), "the cleaned channel-1 thumbnail",
+                       "run --task clean --channel 1 (until then the section is left out of the stack and its "
+                       "neighbours are registered to each other)")
     if len(available) < 2:
         raise SlidepipeError(f"need at least two cleaned channel-1 thumbnails to align, found {len(available)}")
     pair_results = _register(ctx, available, backend)
@@ -184,15 +183,15 @@ def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
     threads = max(1, (os.cpu_count() or 1) // max(1, ctx.settings.workers))
     tasks = []
     for fixed, moving in zip(available, available[1:]):
-        fixed_path, moving_path = ctx.layout.cleaned(1, True, fixed.position), ctx.layout.cleaned(1, True, moving.position)
-        output = ctx.layout.pairwise_transform(moving.position)
+        fixed_path, moving_path = ctx.layout.cleaned(1, True, fixed.name), ctx.layout.cleaned(1, True, moving.name)
+        output = ctx.layout.pairwise_transform(moving.name)
         tasks.append(Task(
             key=f"pair:{moving.name}", func=register_task,
             kwargs={"fixed": str(fixed_path), "moving": str(moving_path), "output": str(output),
-                    "fixed_position": fixed.position, "moving_position": moving.position, "backend": backend,
+                    "fixed_section": fixed.name, "moving_section": moving.name, "backend": backend,
                     "threads": threads},
             inputs=[fixed_path, moving_path], outputs=[output],
-            params={"fixed": fixed.position, "backend": backend, "settings": settings_hash}, label=str(moving_path)))
+            params={"fixed": fixed.name, "backend": backend, "settings": settings_hash}, label=str(moving_path)))
     results = ctx.execute(tasks, desc="register pairs")
     _record_pairs(ctx, available, results)
     return results
@@ -203,17 +202,17 @@ def _record_pairs(ctx: StageContext, available, results: dict[str, dict]) -> Non
 
     from db.models import ElastixTransformation
 
-    by_position = {s.position: s for s in available}
+    by_name = {s.name: s for s in available}
     with ctx.session() as session:
         for key, data in results.items():
-            moving, fixed = by_position[data["moving"]], by_position[data["fixed"]]
+            moving, fixed = by_name[data["moving"]], by_name[data["fixed"]]
             row = session.scalars(select(ElastixTransformation).where(
                 ElastixTransformation.FK_prep_id == ctx.animal, ElastixTransformation.FK_section_id == moving.channel1_id,
                 ElastixTransformation.manual.is_(False), ElastixTransformation.active.is_(True),
                 ElastixTransformation.resolution == "thumbnail")).first()
-            values = {"FK_fixed_section_id": fixed.channel1_id, "section": moving.name, "rotation": data["rotation"],
-                      "xshift": data["xshift"], "yshift": data["yshift"], "metric": data["metric"],
-                      "iteration": data["iterations"]}
+            values = {"FK_fixed_section_id": fixed.channel1_id, "section": section_name(moving.position),
+                      "rotation": data["rotation"], "xshift": data["xshift"], "yshift": data["yshift"],
+                      "metric": data["metric"], "iteration": data["iterations"]}
             if row is None:
                 session.add(ElastixTransformation(FK_prep_id=ctx.animal, FK_section_id=moving.channel1_id, manual=False,
                                                   resolution="thumbnail", active=True, FK_pipeline_run_id=ctx.run_id, **values))
@@ -235,29 +234,29 @@ def _manual_rows(ctx: StageContext) -> dict[int, object]:
     return {row.FK_section_id: row for row in rows}
 
 
-def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dict[int, Path] | None:
+def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dict[str, Path] | None:
     from pipeline.stages.section_files import read_image
 
     manual = _manual_rows(ctx)
     chain = []
     for index, s in enumerate(available):
-        link = {"position": s.position, "pairwise": None, "manual": None}
+        link = {"section": s.name, "pairwise": None, "manual": None}
         if index > 0:
             row = manual.get(s.channel1_id)
             if row is not None and row.FK_fixed_section_id == available[index - 1].channel1_id:
                 link["manual"] = [row.rotation, row.xshift, row.yshift]
             elif row is not None:
-                ctx.log.warning("align: the manual transform of section %s was made against another neighbour; ignored", s.name)
+                ctx.log.warning("align: the manual transform of %s was made against another neighbour; ignored", s.label)
             if link["manual"] is None:
                 if f"pair:{s.name}" not in pair_results:
-                    ctx.fail(ctx.layout.cleaned(1, True, s.position), f"section {s.name}: no registration onto its "
+                    ctx.fail(ctx.layout.cleaned(1, True, s.name), f"{s.label}: no registration onto its "
                              "previous section (see the error above); the stack is not composed")
                     return None
-                link["pairwise"] = str(ctx.layout.pairwise_transform(s.position))
+                link["pairwise"] = str(ctx.layout.pairwise_transform(s.name))
         chain.append(link)
-    reference = available[len(available) // 2].position
+    reference = available[len(available) // 2].name
     canvas = list(read_image(ctx.layout.cleaned(1, True, reference)).shape[:2])
-    outputs = {str(s.position): str(ctx.layout.section_transform(s.position)) for s in available}
+    outputs = {s.name: str(ctx.layout.section_transform(s.name)) for s in available}
     inputs = [Path(link["pairwise"]) for link in chain if link["pairwise"]]
     task = Task(key="compose", func=compose_task,
                 kwargs={"chain": chain, "reference": reference, "canvas": canvas, "outputs": outputs},
@@ -266,25 +265,28 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
                         "reference": reference, "canvas": canvas}, label=str(ctx.layout.transforms_dir))
     if "compose" not in ctx.execute([task], desc="compose transforms"):
         return None
-    return {s.position: ctx.layout.section_transform(s.position) for s in available}
+    return {s.name: ctx.layout.section_transform(s.name) for s in available}
 
 
-def _warp(ctx: StageContext, available, transforms: dict[int, Path]) -> None:
+def _warp(ctx: StageContext, available, transforms: dict[str, Path]) -> None:
+    from pipeline.stages.section_files import usable
+
+    resolution = "thumbnail" if ctx.downsample else "full-resolution section"
+    flags = f"--channel {ctx.channel} --downsample {str(ctx.downsample).lower()}"
+    if ctx.channel != 1 or not ctx.downsample:  # channel-1 thumbnails were checked before registering
+        available = usable(ctx, available, lambda s: ctx.layout.cleaned(ctx.channel, ctx.downsample, s.name),
+                           f"the cleaned channel-{ctx.channel} {resolution}", f"run --task clean {flags}")
     tasks = []
     for s in available:
-        source = ctx.layout.cleaned(ctx.channel, ctx.downsample, s.position)
-        if not source.is_file():
-            ctx.fail(source, f"section {s.name}: cleaned channel {ctx.channel} "
-                             f"({'thumbnail' if ctx.downsample else 'full resolution'}) is missing: run --task clean")
-            continue
-        output = ctx.layout.aligned(ctx.channel, ctx.downsample, s.position)
+        source = ctx.layout.cleaned(ctx.channel, ctx.downsample, s.name)
+        output = ctx.layout.aligned(ctx.channel, ctx.downsample, s.name)
         func = warp_thumbnail if ctx.downsample else warp_full
         tasks.append(Task(key=f"warp:{s.name}", func=func,
-                          kwargs={"source": str(source), "transform": str(transforms[s.position]), "output": str(output)},
-                          inputs=[source, transforms[s.position]], outputs=[output],
+                          kwargs={"source": str(source), "transform": str(transforms[s.name]), "output": str(output)},
+                          inputs=[source, transforms[s.name]], outputs=[output],
                           params={"interpolation": "linear"}, label=str(source)))
     results = ctx.execute(tasks, desc=f"warp CH{ctx.channel}")
-    cut = sorted(key.split(":")[1] for key, result in results.items() if result.get("tissue_at_canvas_edge"))
+    cut = sorted(key.split(":", 1)[1] for key, result in results.items() if result.get("tissue_at_canvas_edge"))
     if cut:
         ctx.log.warning("align: tissue reaches the canvas edge in sections %s and may be cut off: enlarge the "
                         "canvas (scan_run width/height) and re-run clean and align", ", ".join(cut))
@@ -310,9 +312,17 @@ def _store_manual(ctx: StageContext, sections) -> None:
 
     from db.models import ElastixTransformation
 
-    position = int(ctx.params["section"])
+    asked = str(ctx.params["section"]).strip()
+    by_name = {s.name: s for s in sections}
+    if asked in by_name:
+        position = by_name[asked].position
+    elif asked.isdigit():
+        position = int(asked)
+    else:
+        raise SlidepipeError(f"--section {asked}: no active section of that name (give <slide>_S<scene> as in the "
+                             "file names, or a position)")
     if not 0 < position < len(sections):
-        raise SlidepipeError(f"--section {position}: a manual transform needs a section 1..{len(sections) - 1} "
+        raise SlidepipeError(f"--section {asked}: a manual transform needs a section at position 1..{len(sections) - 1} "
                              "(it maps the section onto its previous one)")
     moving, fixed = sections[position], sections[position - 1]
     with ctx.session() as session:
@@ -321,12 +331,12 @@ def _store_manual(ctx: StageContext, sections) -> None:
                 ElastixTransformation.manual.is_(True), ElastixTransformation.active.is_(True))):
             row.active = False
         if ctx.params.get("clear_manual"):
-            ctx.log.info("align: manual transform of section %s removed", moving.name)
+            ctx.log.info("align: manual transform of %s removed", moving.label)
             return
         rotation = np.deg2rad(ctx.params.get("rotation") or 0.0)
         session.add(ElastixTransformation(
             FK_prep_id=ctx.animal, FK_section_id=moving.channel1_id, FK_fixed_section_id=fixed.channel1_id,
-            section=moving.name, rotation=float(rotation), xshift=float(ctx.params.get("xshift") or 0.0),
+            section=section_name(moving.position), rotation=float(rotation), xshift=float(ctx.params.get("xshift") or 0.0),
             yshift=float(ctx.params.get("yshift") or 0.0), metric=None, iteration=None, manual=True,
             resolution="thumbnail", active=True, FK_pipeline_run_id=ctx.run_id))
-    ctx.log.info("align: manual transform stored for section %s (wins over the computed one)", moving.name)
+    ctx.log.info("align: manual transform stored for %s onto %s (wins over the computed one)", moving.label, fixed.name)

@@ -89,21 +89,15 @@ def clean_full(source: str, mask: str, output: str, geometry: dict, factor: int,
 
 
 # ------------------------------------------------------------------------------------ the stage
-def plan_geometries(ctx: StageContext, sections) -> dict[int, dict]:
-    """Thumbnail geometry of every section that has a mask; records the canvas in scan_run."""
+def plan_geometries(ctx: StageContext, sections) -> dict[str, dict]:
+    """Thumbnail geometry of every section (each has a usable mask); records the canvas in scan_run."""
     from pipeline.imaging.orient import (
         Orientation, SectionTooLargeError, canvas_shape, oriented_shape, plan_clean, tissue_box,
     )
     from pipeline.stages.common import require_scan_run
     from pipeline.stages.section_files import read_image
 
-    masks = {}
-    for s in sections:
-        path = ctx.layout.mask(s.position, True, "masked")
-        if not path.is_file():
-            ctx.fail(path, f"section {s.name} has no mask (run --task mask; or no tissue was found there)")
-            continue
-        masks[s.position] = read_image(path) > 0
+    masks = {s.name: read_image(ctx.layout.mask(s.name, True, "masked")) > 0 for s in sections}
     with ctx.session() as session:
         scan_run = require_scan_run(session, ctx.animal)
         orientation = Orientation(scan_run.rotation or 0, scan_run.flip, scan_run.flop)
@@ -121,19 +115,23 @@ def plan_geometries(ctx: StageContext, sections) -> dict[int, dict]:
             ctx.log.info("clean: canvas %d x %d px at full resolution (recorded in scan_run)", scan_run.width, scan_run.height)
     geometries = {}
     for s in sections:
-        if s.position not in masks:
-            continue
         try:
-            geometries[s.position] = plan_clean(masks[s.position], orientation, canvas).to_dict()
+            geometries[s.name] = plan_clean(masks[s.name], orientation, canvas).to_dict()
         except SectionTooLargeError as exc:
-            ctx.fail(ctx.layout.mask(s.position, True, "masked"), f"section {s.name}: {exc.reason}")
+            ctx.fail(ctx.layout.mask(s.name, True, "masked"), f"{s.label}: {exc.reason}")
     return geometries
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.stages.section_files import list_sections
+    from pipeline.stages.section_files import list_sections, usable
 
-    sections = list_sections(ctx)
+    sections = usable(ctx, list_sections(ctx), lambda s: s.thumbnail if ctx.downsample else s.full,
+                      f"the extracted channel-{ctx.channel} section", "run --task extract again (its error says why)")
+    sections = usable(ctx, sections, lambda s: ctx.layout.mask(s.name, True, "masked"), "the mask",
+                      "run --task mask (if no tissue was found there, paint it in the overlay)")
+    if not ctx.downsample:
+        sections = usable(ctx, sections, lambda s: ctx.layout.mask(s.name, False, "masked"), "the full-resolution mask",
+                          "run --task mask --downsample false")
     geometries = plan_geometries(ctx, sections)
     normalise = bool(ctx.params.get("normalise"))
     if normalise and ctx.channel != 1:
@@ -142,24 +140,21 @@ def run(ctx: StageContext) -> None:
     layout = ctx.layout
     tasks = []
     for s in sections:
-        if s.position not in geometries:
+        if s.name not in geometries:
             continue
-        geometry = geometries[s.position]
-        thumb_mask = layout.mask(s.position, True, "masked")
-        output = layout.cleaned(ctx.channel, ctx.downsample, s.position)
+        geometry = geometries[s.name]
+        thumb_mask = layout.mask(s.name, True, "masked")
+        output = layout.cleaned(ctx.channel, ctx.downsample, s.name)
         params = {"geometry": geometry, "normalise": list(NORMALISE_PERCENTILES) if normalise else None}
         if ctx.downsample:
-            png = layout.section_png(ctx.channel, True, s.position)
+            png = layout.section_png(ctx.channel, True, s.name)
             tasks.append(Task(
                 key=f"clean:{s.name}", func=clean_thumbnail,
                 kwargs={"source": str(s.thumbnail), "mask": str(thumb_mask), "output": str(output), "png": str(png),
                         "geometry": geometry, "normalise_from": str(s.thumbnail) if normalise else None},
                 inputs=[s.thumbnail, thumb_mask], outputs=[output, png], params=params, label=str(s.thumbnail)))
         else:
-            full_mask = layout.mask(s.position, False, "masked")
-            if not full_mask.is_file():
-                ctx.fail(full_mask, f"section {s.name}: full-resolution mask is missing (run --task mask --downsample false)")
-                continue
+            full_mask = layout.mask(s.name, False, "masked")
             extra = [s.thumbnail, thumb_mask] if normalise else []
             tasks.append(Task(
                 key=f"clean:{s.name}", func=clean_full,

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Animal, ScanRun
-from pipeline.errors import StageError
+from pipeline.errors import SlidepipeError, StageError
 
 SCAN_RUN_FLAGS = {
     # flag dest -> scan_run column
@@ -87,22 +87,47 @@ def require_scan_run(session: Session, animal: str) -> ScanRun:
 
 
 def aligned_stack(ctx) -> tuple[list, float, float]:
-    """The aligned sections a publishing stage reads, with the pixel size (um) at the stage's
-    resolution and the section thickness (um); a clear error when anything is missing."""
-    from db.queries import ordered_sections
+    """The aligned sections a publishing stage reads, in the database's order now, with the
+    pixel size (um) at the stage's resolution and the section thickness (um).
+
+    The whole stack or nothing: every active section's aligned file must be recorded in
+    file_log, unchanged on disk and made from the current version of its inputs, and the
+    transforms must have been composed for the order the database gives now. Otherwise one
+    line names the sections and the commands that fix them."""
+    import json
+
+    from db.queries import current_file, deactivate_sql
     from pipeline.layout import THUMBNAIL_FACTOR
+    from pipeline.stages.section_files import list_sections
 
     with ctx.session() as session:
         scan_run = require_scan_run(session, ctx.animal)
         xy_um, z_um = scan_run.resolution, scan_run.zresolution
-        count = len(ordered_sections(session, ctx.animal, ctx.channel))
+    try:
+        sections = list_sections(ctx)
+    except SlidepipeError as exc:
+        raise StageError(exc.reason) from exc
+    flags = f"--channel {ctx.channel} --downsample {str(ctx.downsample).lower()}"
+    paths = [ctx.layout.aligned(ctx.channel, ctx.downsample, s.name) for s in sections]
+    with ctx.session() as session:
+        problems = [(s, problem) for s, path in zip(sections, paths)
+                    if (problem := ctx.output_problem(session, path)) is not None]
+        orders = set()
+        for s in sections:
+            composed = current_file(session, ctx.layout.relative(ctx.layout.section_transform(s.name)))
+            if composed is not None and composed.result:
+                orders.add(tuple(json.loads(composed.result).get("order") or ()))
+    if problems:
+        listed = "; ".join(f"{s.name} {problem}" for s, problem in problems[:5])
+        more = f" and {len(problems) - 5} more" if len(problems) > 5 else ""
+        sql = deactivate_sql([(s.slide_id, s.scene_index) for s, _ in problems])
+        raise StageError(
+            f"{len(problems)} of {len(sections)} aligned sections cannot be published ({listed}{more}): run --task align "
+            f"{flags} (and the stages before it for those sections), or take them out of the stack: {sql}")
+    names = tuple(s.name for s in sections)
+    if orders and orders != {names}:
+        raise StageError(f"the sections were reordered or (de)activated since align composed the transforms: "
+                         f"run --task align {flags} again")
     if not xy_um:
         raise StageError(f"the scan run of {ctx.animal} has no pixel size: set it with --resolution UM")
-    if count == 0:
-        raise StageError(f"animal {ctx.animal} has no active sections in channel {ctx.channel}")
-    sections = [ctx.layout.aligned(ctx.channel, ctx.downsample, i) for i in range(count)]
-    missing = [p for p in sections if not p.is_file()]
-    if missing:
-        raise StageError(f"{len(missing)} of {count} aligned sections are missing (first: {missing[0]}); "
-                         f"run --task align --channel {ctx.channel} --downsample {str(ctx.downsample).lower()} first")
-    return sections, xy_um * (THUMBNAIL_FACTOR if ctx.downsample else 1), z_um
+    return paths, xy_um * (THUMBNAIL_FACTOR if ctx.downsample else 1), z_um

@@ -1,7 +1,7 @@
 """create_metrics: how alike each section and its previous neighbour are *as aligned*.
 
 Per pair: normalised cross-correlation and mutual information on the tissue both cover
-(`preps/CH<c>/<res>_metrics/NNN.json`, one `alignment_metric` row), then one plot along the
+(`preps/CH<c>/<res>_metrics/<section>.json`, one `alignment_metric` row), then one plot along the
 stack (`www/metrics/CH<c>_<res>.png`) with outliers in red, so a bad section or a bad transform
 is seen at a glance. Full resolution reads the aligned sections window by window and takes the
 mutual-information bin ranges from the aligned thumbnails.
@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_path
 from pipeline.errors import SlidepipeError
+from pipeline.layout import section_name
 from pipeline.runner import StageContext, Task
 
 NAME = "create_metrics"
@@ -25,7 +26,7 @@ WINDOW = (2048, 2048)
 
 
 # ---------------------------------------------------------------------------- worker functions
-def pair_task(fixed: str, moving: str, output: str, fixed_position: int, moving_position: int,
+def pair_task(fixed: str, moving: str, output: str, fixed_section: str, moving_section: str,
               fixed_thumbnail: str | None = None, moving_thumbnail: str | None = None) -> dict:
     from pipeline.imaging.metrics import PairAccumulator, overlap_range, pair_metrics
     from pipeline.imaging.tiles import tile_grid
@@ -42,7 +43,7 @@ def pair_task(fixed: str, moving: str, output: str, fixed_position: int, moving_
             for y0, y1, x0, x1 in tile_grid(shape_a[:2], WINDOW):
                 accumulator.add(read_a(y0, y1, x0, x1), read_b(y0, y1, x0, x1))
         result = accumulator.result()
-    result = {"fixed": fixed_position, "moving": moving_position, **result}
+    result = {"fixed": fixed_section, "moving": moving_section, **result}
     with atomic_path(Path(output)) as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     return result
@@ -67,18 +68,20 @@ def outliers(values: np.ndarray, spread: float = 4.0, drop: float = 0.15, window
     return flagged
 
 
-def plot_task(parts: list[str], output: str, title: str) -> dict:
+def plot_task(parts: list[str], positions: list[int], output: str, title: str) -> dict:
+    """parts: the pair files in stack order; positions: each moving section's position now."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(Path(p).read_text()) for p in parts]
-    positions = np.array([r["moving"] for r in rows])
+    names = [r["moving"] for r in rows]
+    positions = np.array(positions)
     fig, axes = plt.subplots(2, 1, figsize=(8, 4.5), dpi=100, sharex=True)
     ncc = np.array([r["ncc"] if r["ncc"] is not None else np.nan for r in rows], dtype=float)
     flagged = outliers(ncc)  # NCC is the smoother of the two along a stack
-    flagged_all = set(positions[flagged].tolist())
+    flagged_all = {names[i] for i in np.flatnonzero(flagged)}
     try:
         for ax, key, label in ((axes[0], "ncc", "NCC"), (axes[1], "mutual_information", "MI (bits)")):
             values = np.array([r[key] if r[key] is not None else np.nan for r in rows], dtype=float)
@@ -96,55 +99,55 @@ def plot_task(parts: list[str], output: str, title: str) -> dict:
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-    return {"pairs": len(rows), "flagged_sections": sorted(flagged_all)}
+    return {"pairs": len(rows), "flagged_sections": [n for n in names if n in flagged_all]}
 
 
 # ------------------------------------------------------------------------------------ the stage
 def run(ctx: StageContext) -> None:
-    from pipeline.stages.section_files import list_sections
+    from pipeline.stages.section_files import list_sections, usable
 
     layout = ctx.layout
     sections = list_sections(ctx)
-    available = []
-    for s in sections:
-        path = layout.aligned(ctx.channel, ctx.downsample, s.position)
-        if path.is_file():
-            available.append(s)
-        else:
-            ctx.fail(path, f"section {s.name} has no aligned image (run --task align); compared across the gap")
-    tasks = []
+    flags = f"--channel {ctx.channel} --downsample {str(ctx.downsample).lower()}"
+    available = usable(ctx, sections, lambda s: layout.aligned(ctx.channel, ctx.downsample, s.name), "the aligned image",
+                       f"run --task align {flags} (until then its neighbours are compared across the gap)")
+    if not ctx.downsample:
+        available = usable(ctx, available, lambda s: layout.aligned(ctx.channel, True, s.name), "the aligned thumbnail "
+                           "(full-resolution metrics take their bin ranges from it)", f"run --task align --channel {ctx.channel}")
+    tasks, positions = [], []
     for fixed, moving in zip(available, available[1:]):
-        a, b = layout.aligned(ctx.channel, ctx.downsample, fixed.position), layout.aligned(ctx.channel, ctx.downsample, moving.position)
-        output = layout.metrics_data(ctx.channel, ctx.downsample, moving.position)
+        a, b = layout.aligned(ctx.channel, ctx.downsample, fixed.name), layout.aligned(ctx.channel, ctx.downsample, moving.name)
+        output = layout.metrics_data(ctx.channel, ctx.downsample, moving.name)
         kwargs = {"fixed": str(a), "moving": str(b), "output": str(output),
-                  "fixed_position": fixed.position, "moving_position": moving.position}
+                  "fixed_section": fixed.name, "moving_section": moving.name}
         inputs = [a, b]
         if not ctx.downsample:
-            ta, tb = layout.aligned(ctx.channel, True, fixed.position), layout.aligned(ctx.channel, True, moving.position)
-            if not (ta.is_file() and tb.is_file()):
-                ctx.fail(b, f"section {moving.name}: full-resolution metrics need the aligned thumbnails too (run align)")
-                continue
+            ta, tb = layout.aligned(ctx.channel, True, fixed.name), layout.aligned(ctx.channel, True, moving.name)
             kwargs.update(fixed_thumbnail=str(ta), moving_thumbnail=str(tb))
             inputs += [ta, tb]
         tasks.append(Task(key=f"pair:{moving.name}", func=pair_task, kwargs=kwargs, inputs=inputs, outputs=[output],
-                          params={"fixed": fixed.position, "bins": 32}, label=str(b)))
+                          params={"fixed": fixed.name, "bins": 32}, label=str(b)))
+        positions.append(moving.position)
     results = ctx.execute(tasks, desc=f"metrics CH{ctx.channel}")
-    _record(ctx, {s.position: s for s in sections}, results)
-    parts = [t.outputs[0] for t in tasks if t.key in results]
-    if parts:
+    _record(ctx, {s.name: s for s in sections}, results)
+    done = [(t.outputs[0], p) for t, p in zip(tasks, positions) if t.key in results]
+    if done:
         png = layout.metrics_png(ctx.channel, ctx.downsample)
-        done = ctx.execute([Task(key="plot", func=plot_task,
-                                 kwargs={"parts": [str(p) for p in parts], "output": str(png),
-                                         "title": f"{ctx.animal} CH{ctx.channel} {ctx.resolution}: similarity of each "
-                                                  "section to the previous one, as aligned"},
-                                 inputs=parts, outputs=[png], label=str(png))], desc="metrics plot")
-        flagged = done.get("plot", {}).get("flagged_sections")
+        parts = [p for p, _ in done]
+        plotted = ctx.execute([Task(key="plot", func=plot_task,
+                                    kwargs={"parts": [str(p) for p in parts], "positions": [z for _, z in done],
+                                            "output": str(png),
+                                            "title": f"{ctx.animal} CH{ctx.channel} {ctx.resolution}: similarity of each "
+                                                     "section to the previous one, as aligned"},
+                                    inputs=parts, outputs=[png], params={"positions": [z for _, z in done]},
+                                    label=str(png))], desc="metrics plot")
+        flagged = plotted.get("plot", {}).get("flagged_sections")
         if flagged:
             ctx.log.warning("create_metrics: sections that differ most from their neighbour: %s (see %s)",
-                            ", ".join(f"{p:03d}" for p in flagged), png)
+                            ", ".join(flagged), png)
 
 
-def _record(ctx: StageContext, by_position, results: dict[str, dict]) -> None:
+def _record(ctx: StageContext, by_name, results: dict[str, dict]) -> None:
     from sqlalchemy import select
 
     from db.models import AlignmentMetric
@@ -154,11 +157,11 @@ def _record(ctx: StageContext, by_position, results: dict[str, dict]) -> None:
 
     with ctx.session() as session:
         for data in results.values():
-            moving, fixed = by_position[data["moving"]], by_position[data["fixed"]]
+            moving, fixed = by_name[data["moving"]], by_name[data["fixed"]]
             row = session.scalars(select(AlignmentMetric).where(
                 AlignmentMetric.FK_prep_id == ctx.animal, AlignmentMetric.FK_section_id == moving.row_id,
                 AlignmentMetric.channel == ctx.channel, AlignmentMetric.resolution == ctx.resolution)).first()
-            values = {"FK_fixed_section_id": fixed.row_id, "section": moving.name, "ncc": clean(data["ncc"]),
+            values = {"FK_fixed_section_id": fixed.row_id, "section": section_name(moving.position), "ncc": clean(data["ncc"]),
                       "mutual_information": clean(data["mutual_information"]),
                       "overlap_fraction": clean(data["overlap_fraction"])}
             if row is None:

@@ -98,27 +98,28 @@ def combined_histogram(parts: list[str], data: str, png: str, title: str) -> dic
 
 # ------------------------------------------------------------------------------------ the stage
 def run(ctx: StageContext) -> None:
-    from pipeline.stages.section_files import list_sections
+    from pipeline.stages.section_files import list_sections, usable
 
     layout = ctx.layout
     resolution = ctx.resolution
+    sections = usable(ctx, list_sections(ctx), lambda s: s.thumbnail if ctx.downsample else s.full,
+                      f"the extracted channel-{ctx.channel} section", "run --task extract again (its error says why)")
+    sections = usable(ctx, sections, lambda s: layout.mask(s.name, ctx.downsample, "masked"), f"the {resolution} mask",
+                      "run --task mask" + ("" if ctx.downsample else " --downsample false"))
     tasks = []
-    for s in list_sections(ctx):
-        mask = layout.mask(s.position, ctx.downsample, "masked")
-        if not mask.is_file():
-            ctx.fail(mask, f"section {s.name} has no {resolution} mask: run --task mask"
-                           + ("" if ctx.downsample else " --downsample false"))
-            continue
+    for s in sections:
+        mask = layout.mask(s.name, ctx.downsample, "masked")
         source = s.thumbnail if ctx.downsample else s.full
-        data = layout.histogram_data(ctx.channel, ctx.downsample, s.position)
-        png = layout.histogram_png(ctx.channel, ctx.downsample, s.position)
+        data = layout.histogram_data(ctx.channel, ctx.downsample, s.name)
+        png = layout.histogram_png(ctx.channel, ctx.downsample, s.name)
         tasks.append(Task(key=f"histogram:{s.name}", func=section_histogram,
                           kwargs={"source": str(source), "mask": str(mask), "data": str(data), "png": str(png),
                                   "title": f"{ctx.animal} CH{ctx.channel} section {s.name} ({resolution}, masked)",
                                   "full": not ctx.downsample},
                           inputs=[source, mask], outputs=[data, png], label=str(source)))
     results = ctx.execute(tasks, desc=f"histograms CH{ctx.channel}")
-    parts = [t.outputs[0] for t in tasks if t.key in results]
+    # Sorted by name: the sum does not depend on the order, so a reorder does not redo it.
+    parts = sorted((t.outputs[0] for t in tasks if t.key in results), key=lambda p: p.name)
     if not parts:
         return
     data, png = layout.histogram_data(ctx.channel, ctx.downsample), layout.histogram_png(ctx.channel, ctx.downsample)

@@ -119,7 +119,7 @@ def overlay_edited(session, layout, overlay: Path) -> bool:
 
 
 def run(ctx: StageContext) -> None:
-    from pipeline.stages.section_files import list_sections
+    from pipeline.stages.section_files import list_sections, usable
 
     if ctx.channel != 1:
         ctx.log.info("mask: masks are made from channel 1 and used by every channel")
@@ -131,14 +131,17 @@ def run(ctx: StageContext) -> None:
         _run_full(ctx, sections)
         return
     layout = ctx.layout
+    _warn_positional_overlays(ctx, sections)
+    sections = usable(ctx, sections, lambda s: s.thumbnail, "the extracted channel-1 thumbnail",
+                      "run --task extract again (its error says why this section failed)")
     tasks = []
     with ctx.session() as session:
-        edited = {s.position: overlay_edited(session, layout, layout.mask(s.position, True, "colored")) for s in sections}
+        edited = {s.name: overlay_edited(session, layout, layout.mask(s.name, True, "colored")) for s in sections}
     for s in sections:
-        mask_path = layout.mask(s.position, True, "masked")
-        overlay = layout.mask(s.position, True, "colored")
+        mask_path = layout.mask(s.name, True, "masked")
+        overlay = layout.mask(s.name, True, "colored")
         kwargs = {"thumbnail": str(s.thumbnail), "mask_path": str(mask_path), "masker": masker, "threshold_scale": scale}
-        if edited[s.position]:
+        if edited[s.name]:
             tasks.append(Task(key=f"edit:{s.name}", func=mask_from_edit, kwargs={**kwargs, "overlay_path": str(overlay)},
                               inputs=[overlay, s.thumbnail], outputs=[mask_path], params=masker_params,
                               label=str(overlay)))
@@ -151,17 +154,32 @@ def run(ctx: StageContext) -> None:
         result = results.get(task.key)
         if result and result.get("source") == "edited overlay":
             ctx.log.info("mask %s: taken from the hand-edited overlay (%d pixels differ from the automatic mask)",
-                         task.key.split(":")[1], result["pixels_changed_by_edit"])
+                         task.key.split(":", 1)[1], result["pixels_changed_by_edit"])
+
+
+def _warn_positional_overlays(ctx: StageContext, sections) -> None:
+    """Overlays named by position (000.tif ...) come from a slidepipe older than section keys:
+    an edit in one of them would be ignored without a word, so say so."""
+    folder = ctx.layout.masks_dir("colored", True)
+    if not folder.is_dir():
+        return
+    old = sorted(p.name for p in folder.glob("[0-9][0-9][0-9].tif"))
+    if old:
+        ctx.log.warning("mask: %s holds overlays named by position (%s): masks are now named by section "
+                        "(<slide>_S<scene>.tif, e.g. %s.tif); rename an edited one to its section's name, "
+                        "then run --task mask again", folder, ", ".join(old[:5]) + (" ..." if len(old) > 5 else ""),
+                        sections[0].name)
 
 
 def _run_full(ctx: StageContext, sections) -> None:
+    from pipeline.stages.section_files import usable
+
+    sections = usable(ctx, sections, lambda s: ctx.layout.mask(s.name, True, "masked"), "the thumbnail mask",
+                      "run --task mask --downsample true first")
     tasks = []
     for s in sections:
-        thumb_mask = ctx.layout.mask(s.position, True, "masked")
-        if not thumb_mask.is_file():
-            ctx.fail(thumb_mask, "thumbnail mask is missing: run --task mask --downsample true first")
-            continue
-        full = ctx.layout.mask(s.position, False, "masked")
+        thumb_mask = ctx.layout.mask(s.name, True, "masked")
+        full = ctx.layout.mask(s.name, False, "masked")
         tasks.append(Task(key=f"full:{s.name}", func=full_mask,
                           kwargs={"thumb_mask": str(thumb_mask), "full_path": str(full), "height": s.height, "width": s.width},
                           inputs=[thumb_mask], outputs=[full], params={"shape": [s.height, s.width], "factor": THUMBNAIL_FACTOR},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -28,8 +28,14 @@ BIGTIFF_BYTES = 2**32 - 2**25
 
 @dataclass(frozen=True)
 class Section:
-    """One section (a scene) of the ordered active stack, in one channel."""
+    """One section (a scene) of the ordered active stack, in one channel.
 
+    `name` (`<slide>_S<scene>`, layout.section_key) is its identity: every per-section file
+    after extract is named by it, so an edit stays with its tissue when sections are reordered
+    or deactivated. `position` is where it is in the stack now (its z in the published volume).
+    """
+
+    name: str
     position: int
     row_id: int
     """slide_czi_to_tif.id of this channel's row."""
@@ -41,15 +47,25 @@ class Section:
     height: int
     dtype: str
     samples_per_pixel: int
+    slide_id: int = 0
+    scene_index: int = 0
 
     @property
-    def name(self) -> str:
-        return section_name(self.position)
+    def deactivate(self) -> str:
+        """The SQL that takes this section out of the stack (all channels)."""
+        from db.queries import deactivate_sql
+
+        return deactivate_sql([(self.slide_id, self.scene_index)])
+
+    @property
+    def label(self) -> str:
+        return f"section {self.name} (position {section_name(self.position)})"
 
 
 def list_sections(ctx, channel: int | None = None) -> list[Section]:
-    """The animal's ordered active sections in `channel` (default: the stage's channel)."""
-    from db.queries import ordered_sections
+    """The animal's ordered active sections in `channel` (default: the stage's channel), in the
+    order of the database now."""
+    from db.queries import ordered_sections, section_key_of
 
     channel = ctx.channel if channel is None else channel
     with ctx.session() as session:
@@ -66,14 +82,31 @@ def list_sections(ctx, channel: int | None = None) -> list[Section]:
                 raise SlidepipeError(f"section {section_name(position)}: channel {channel} and channel 1 differ in order")
             stem = Path(row.slide.file_name).stem
             sections.append(Section(
-                position=position, row_id=row.id, channel1_id=first.id,
+                name=section_key_of(row), position=position, row_id=row.id, channel1_id=first.id,
                 thumbnail=ctx.layout.extracted_thumbnail(stem, row.scene_index, channel),
                 full=ctx.layout.extracted_tif(stem, row.scene_index, channel),
                 width=row.width, height=row.height, dtype=row.dtype, samples_per_pixel=row.samples_per_pixel or 1,
+                slide_id=row.FK_slide_id, scene_index=row.scene_index,
             ))
     if not sections:
         raise SlidepipeError(f"animal {ctx.animal} has no active sections in channel {channel}: run --task extract first")
     return sections
+
+
+def usable(ctx, sections: list[Section], path_of: Callable[[Section], Path], what: str, fix: str) -> list[Section]:
+    """The sections whose `path_of(section)` can be trusted now (recorded in file_log, unchanged
+    on disk, made from the current version of its inputs: `StageContext.output_problem`). Each
+    other section fails alone, once, by name, with what to do: `fix`, or deactivate it."""
+    kept = []
+    with ctx.session() as session:
+        for s in sections:
+            path = path_of(s)
+            problem = ctx.output_problem(session, path)
+            if problem is None:
+                kept.append(s)
+            else:
+                ctx.fail(path, f"{s.label}: {what} {problem}: {fix}, or take the section out of the stack: {s.deactivate}")
+    return kept
 
 
 # ------------------------------------------------------------------------------------------ I/O
