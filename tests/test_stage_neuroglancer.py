@@ -138,6 +138,37 @@ def test_changed_section_republishes_and_keep_rechunkme(tmp_path, sqlite_url):
     verify_layer(layout.precomputed_layer(1, True), paths, sample=None)
 
 
+def test_a_damaged_published_layer_is_noticed_and_rebuilt(tmp_path, sqlite_url):
+    layout = AnimalLayout(tmp_path / "data", ANIMAL)
+    paths = place_aligned(layout, seed_animal(sqlite_url, 4), 70, 70, db_url=sqlite_url)
+    flags = ("--chunk-size", "16,16,2")
+    assert cli(tmp_path, sqlite_url, *flags) == 0
+    layer = layout.precomputed_layer(1, True)
+    key = json.loads((layer / "info").read_text())["scales"][0]["key"]
+    chunks = sorted((layer / key).iterdir())
+    original = {p: p.read_bytes() for p in chunks}
+    with init_db(sqlite_url).connect() as conn:
+        layer_rows = conn.execute(select(FileLog.id).where(FileLog.path == layout.relative(layer))).all()
+    # one chunk deleted, then one truncated: each rerun notices it, rebuilds and verifies the layer
+    for damage in ("delete", "truncate"):
+        victim = chunks[len(chunks) // 2]
+        if damage == "delete":
+            victim.unlink()
+        else:
+            victim.write_bytes(victim.read_bytes()[:10])
+        assert cli(tmp_path, sqlite_url, *flags) == 0, damage
+        run = last_run(sqlite_url)
+        assert run.status == "success" and run.tasks_run >= 1, damage
+        assert {p: p.read_bytes() for p in chunks} == original, damage
+        verify_layer(layer, paths, sample=None)
+    with init_db(sqlite_url).connect() as conn:
+        assert len(conn.execute(select(FileLog.id).where(FileLog.path == layout.relative(layer))).all()) == len(layer_rows) + 2
+    assert np.array_equal(read_mip0(layer)[:70, :70, :4], stack_of(paths))
+    # untouched: skipped
+    assert cli(tmp_path, sqlite_url, *flags) == 0
+    assert (last_run(sqlite_url).tasks_run, last_run(sqlite_url).tasks_skipped) == (0, 1)
+
+
 def test_full_resolution_with_z_padding_and_a_queue(tmp_path, sqlite_url):
     layout = AnimalLayout(tmp_path / "data", ANIMAL)
     paths = place_aligned(layout, seed_animal(sqlite_url, 5, resolution_um=0.5, z_um=1.0), 100, 120, downsample=False,
