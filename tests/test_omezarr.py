@@ -893,7 +893,7 @@ def test_stage_rerun_after_resolution_change_stores_the_new_scales(tmp_path, sql
     layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
     seed_scan_run(sqlite_url, 6)
     stack = synthetic_stack((6, 90, 130), zero_rows=10)
-    place_aligned_stack(layout, stack)
+    place_aligned_stack(layout, stack, db_url=sqlite_url)
     args = ("--channel", "1", "--chunk-size", "32,32,2", "--nlevels", "3")
     assert stage_cli(tmp_path, sqlite_url, *args) == 0
     store = layout.omezarr(1, downsample=True)
@@ -922,7 +922,7 @@ def test_stage_publishes_an_rgb_stack_as_three_channels(tmp_path, sqlite_url):
     layout = AnimalLayout(tmp_path / "data", STAGE_ANIMAL)
     seed_scan_run(sqlite_url, 4)
     stack = synthetic_stack((4, 70, 90), dtype=np.uint8, rgb=True)
-    paths = place_aligned_stack(layout, stack)
+    paths = place_aligned_stack(layout, stack, db_url=sqlite_url)
     hist = layout.histogram_data(1, downsample=True)  # what the histogram stage leaves: one mixed histogram
     hist.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(hist, counts=np.bincount(stack.ravel(), minlength=256))
