@@ -216,7 +216,11 @@ class SlideCziToTif(Base):
     samples_per_pixel: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     z_planes: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     z_plane: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
-    """The z plane that was extracted."""
+    """The z plane (0-based) the extracted TIFF holds; set when the TIFF is written."""
+    time_points: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    """Time points (T) of the scene in the source file. Added by revision 0003."""
+    time_point: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    """The time point (0-based) the extracted TIFF holds; set when the TIFF is written."""
     file_size: Mapped[int | None] = mapped_column(BigInteger)
     checksum: Mapped[str | None] = mapped_column(String(64))
     processing_duration: Mapped[float | None] = mapped_column(Float)

@@ -167,7 +167,7 @@ def test_czi_bad_files_raise_slide_read_error_naming_the_file(synthetic, tmp_pat
     noise = tmp_path / "noise.czi"
     noise.write_bytes(np.random.default_rng(3).bytes(4096))
     missing = tmp_path / "missing.czi"
-    for path, reason in ((empty, "empty file"), (half, "truncated"), (noise, "not a readable CZI"), (missing, "does not exist")):
+    for path, reason in ((empty, "empty file"), (half, "truncated"), (noise, "not a CZI file"), (missing, "does not exist")):
         with pytest.raises(SlideReadError) as failure:
             with open_slide(path) as reader:
                 reader.info()

@@ -37,6 +37,7 @@ class SceneInfo:
     dtype: str  # numpy dtype name of one sample: "uint8", "uint16"
     samples_per_pixel: int  # 1, or 3 for bgr24/bgr48 (returned as RGB)
     z_planes: int
+    time_points: int = 1  # T: a time series; one time point becomes the section
 
 
 @dataclass(frozen=True)
@@ -54,9 +55,10 @@ class SlideReader(Protocol):
     def info(self) -> SlideInfo: ...
 
     def read_region(
-        self, scene: int, channel: int, x: int, y: int, width: int, height: int, z: int = 0
+        self, scene: int, channel: int, x: int, y: int, width: int, height: int, z: int = 0, t: int = 0
     ) -> np.ndarray:
-        """Pixels of one channel (1-based), coordinates relative to the scene's bounding-box origin.
+        """Pixels of one channel (1-based) of z plane `z` at time point `t`, coordinates relative
+        to the scene's bounding-box origin.
 
         Returns (height, width) or (height, width, 3) RGB; mosaics come back stitched. Only the
         stored tiles that intersect the region are decoded.
@@ -97,7 +99,9 @@ def find_gaps(paths: list[Path]) -> list[int]:
     return _impl(paths)
 
 
-def check_region(info: SceneInfo, path: Path, channel: int, x: int, y: int, width: int, height: int, z: int) -> None:
+def check_region(
+    info: SceneInfo, path: Path, channel: int, x: int, y: int, width: int, height: int, z: int, t: int = 0
+) -> None:
     """Reject requests outside the scene loudly instead of returning padding."""
     if not any(c.index == channel for c in info.channels):
         raise SlideReadError(
@@ -105,6 +109,8 @@ def check_region(info: SceneInfo, path: Path, channel: int, x: int, y: int, widt
         )
     if not 0 <= z < info.z_planes:
         raise SlideReadError(f"scene {info.index + 1}: no z plane {z} (has {info.z_planes})", path)
+    if not 0 <= t < info.time_points:
+        raise SlideReadError(f"scene {info.index + 1}: no time point {t} (has {info.time_points})", path)
     if width <= 0 or height <= 0 or x < 0 or y < 0 or x + width > info.width or y + height > info.height:
         raise SlideReadError(
             f"scene {info.index + 1}: region x={x} y={y} {width}x{height} is outside the scene "

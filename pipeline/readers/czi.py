@@ -46,6 +46,7 @@ class CziReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         size = file_size(self.path)
+        _check_magic(self.path, size)
         from pylibCZIrw import czi as pyczi
 
         try:
@@ -55,7 +56,7 @@ class CziReader:
             what = "truncated CZI file" if "Not enough data" in detail else "not a readable CZI file"
             raise SlideReadError(f"{what} ({size} bytes): {detail}", self.path) from exc
         try:
-            _check_complete(self.path, size)
+            self._short_subblocks = _check_complete(self.path, size)
         except SlideReadError:
             self.close()
             raise
@@ -112,12 +113,15 @@ class CziReader:
                 raise SlideReadError(f"scene {position + 1} has no image data", self.path)
             channels = sorted({b["C"] for b in mine})
             z_values = sorted({b["Z"] for b in mine})
+            t_values = sorted({b["T"] for b in mine})
             types = {b["C"]: b["pixel_type"] for b in mine}
             for c in channels:
                 self._channel_types[(position, c + 1)] = types[c]
             dtype, spp = _scene_pixel_format(types, position, self.path)
             if z_values != list(range(len(z_values))):
                 raise SlideReadError(f"scene {position + 1}: z planes {z_values} are not contiguous from 0", self.path)
+            if t_values != list(range(len(t_values))):
+                raise SlideReadError(f"scene {position + 1}: time points {t_values} are not contiguous from 0", self.path)
             self._scene_filter[position] = s_index
             scenes.append(
                 SceneInfo(
@@ -130,6 +134,7 @@ class CziReader:
                     dtype=dtype,
                     samples_per_pixel=spp,
                     z_planes=len(z_values),
+                    time_points=len(t_values),
                 )
             )
         objective, magnification = _objective(root)
@@ -155,6 +160,7 @@ class CziReader:
                     "S": coord.get("S"),
                     "C": int(coord.get("C", 0)),
                     "Z": int(coord.get("Z", 0)),
+                    "T": int(coord.get("T", 0)),
                     "pixel_type": info.pixelType.name,
                 }
             )
@@ -168,26 +174,35 @@ class CziReader:
 
     # --- pixels ------------------------------------------------------------------------------
     def read_region(
-        self, scene: int, channel: int, x: int, y: int, width: int, height: int, z: int = 0
+        self, scene: int, channel: int, x: int, y: int, width: int, height: int, z: int = 0, t: int = 0
     ) -> np.ndarray:
         info = self.info()
         if not 0 <= scene < len(info.scenes):
             raise SlideReadError(f"no scene {scene + 1} (the file has {len(info.scenes)})", self.path)
         sc = info.scenes[scene]
-        check_region(sc, self.path, channel, x, y, width, height, z)
+        check_region(sc, self.path, channel, x, y, width, height, z, t)
         pixel_type = self._channel_types[(scene, channel)]
-        plane = {"C": channel - 1, "Z": z}
+        plane = {"C": channel - 1, "Z": z, "T": t}
         s_filter = self._scene_filter[scene]
+        roi = (sc.x + x, sc.y + y, width, height)
+        short = _short_subblock_in(self._short_subblocks, s_filter, channel - 1, z, t, roi)
+        if short is not None:
+            raise SlideReadError(
+                f"scene {scene + 1} channel {channel} z {z}{f' t {t}' if sc.time_points > 1 else ''}: the uncompressed subblock at "
+                f"byte {short['position']} (x={short['dims'].get('X')} y={short['dims'].get('Y')}) holds {short['have']} bytes "
+                f"for {short['need']}: damaged; not reading it as zeros",
+                self.path,
+            )
         try:
             data = self._open().read(
-                roi=(sc.x + x, sc.y + y, width, height),
+                roi=roi,
                 plane=plane,
                 scene=s_filter,
                 pixel_type=pixel_type,
             )
         except Exception as exc:
             raise SlideReadError(
-                f"scene {scene + 1} channel {channel} z {z}: cannot decode region x={x} y={y} {width}x{height}: {one_line(exc)}",
+                f"scene {scene + 1} channel {channel} z {z}{f' t {t}' if sc.time_points > 1 else ''}: cannot decode region x={x} y={y} {width}x{height}: {one_line(exc)}",
                 self.path,
             ) from exc
         if data.shape[:2] != (height, width):
@@ -209,14 +224,37 @@ class CziReader:
         return self._czi
 
 
-def _check_complete(path: Path, size: int) -> None:
-    """Fail on open when the file ends before its last subblock does.
+CZI_MAGIC = b"ZISRAWFILE"
+"""Every CZI starts with its file-header segment, named by these bytes."""
+
+
+def _check_magic(path: Path, size: int) -> None:
+    """A file that does not start like a CZI is not one, whatever its name: say so, rather than
+    letting libCZI call a short text file 'truncated'."""
+    with open(path, "rb") as handle:
+        head = handle.read(len(CZI_MAGIC))
+    if head != CZI_MAGIC and CZI_MAGIC.startswith(head):
+        raise SlideReadError(f"truncated CZI file ({size} bytes): it ends inside the file header", path)
+    if head != CZI_MAGIC:
+        raise SlideReadError(f"not a CZI file ({size} bytes; it starts with {head[:10]!r}, not {CZI_MAGIC!r})", path)
+
+
+BYTES_PER_PIXEL = {0: 1, 1: 2, 2: 4, 3: 3, 4: 6, 8: 12, 9: 4, 12: 4, 13: 8}
+"""CZI pixel type code (directory entry) -> bytes per pixel, for uncompressed subblocks."""
+
+
+def _check_complete(path: Path, size: int) -> list[dict]:
+    """Fail on open when the file ends before its last subblock does; return the uncompressed
+    subblocks that hold fewer bytes than their pixels need.
 
     ZEN writes the subblock directory near the start of a file, so libCZI opens a file cut in half
     without complaint and fails only when a missing subblock is drawn. Reading the directory
     (segment layout of the CZI format: file header -> directory position -> entries with each
     subblock's file position) and the last subblock's segment header finds the cut up front.
+    libCZI also draws an uncompressed subblock whose data size is too small padded with zeros;
+    those are returned (coordinates and sizes) so that a read touching one is an error.
     """
+    short: list[dict] = []
     with open(path, "rb") as handle:
         def read(offset: int, length: int) -> bytes:
             handle.seek(offset)
@@ -227,7 +265,7 @@ def _check_complete(path: Path, size: int) -> None:
 
         directory = struct.unpack_from("<q", read(32 + 52, 8))[0]
         if directory <= 0:
-            return  # no directory: libCZI already refused such a file
+            return short  # no directory: libCZI already refused such a file
         header = read(directory, 32 + 4)
         if header[:15] != b"ZISRAWDIRECTORY":
             raise SlideReadError(f"damaged CZI file: no subblock directory at offset {directory}", path)
@@ -239,14 +277,44 @@ def _check_complete(path: Path, size: int) -> None:
         for _ in range(count):
             if pos + 32 > len(entries):
                 raise SlideReadError(f"truncated CZI file ({size} bytes): subblock directory is cut short", path)
-            last = max(last, struct.unpack_from("<q", entries, pos + 6)[0])
-            pos += 32 + 20 * struct.unpack_from("<i", entries, pos + 28)[0]
+            pixel_type, position, _part, compression = struct.unpack_from("<iqii", entries, pos + 2)
+            n_dims = struct.unpack_from("<i", entries, pos + 28)[0]
+            last = max(last, position)
+            if compression == 0 and pixel_type in BYTES_PER_PIXEL and pos + 32 + 20 * n_dims <= len(entries):
+                dims = {}
+                for k in range(n_dims):
+                    e = pos + 32 + 20 * k
+                    name = entries[e : e + 4].rstrip(b"\0").decode("ascii", "replace")
+                    start, extent, _coord, stored = struct.unpack_from("<iifi", entries, e + 4)
+                    dims[name] = (start, extent, stored or extent)
+                need = dims.get("X", (0, 0, 0))[2] * dims.get("Y", (0, 0, 0))[2] * BYTES_PER_PIXEL[pixel_type]
+                have = struct.unpack_from("<q", read(position + 32 + 8, 8))[0] if position + 48 <= size else 0
+                if have < need:
+                    short.append({"dims": {k: v[0] for k, v in dims.items()}, "sizes": {k: v[1] for k, v in dims.items()},
+                                  "position": position, "have": have, "need": need})
+            pos += 32 + 20 * n_dims
         if count:
             used = struct.unpack_from("<q", read(last, 32), 24)[0]
             if last + 32 + used > size:
                 raise SlideReadError(
                     f"truncated CZI file ({size} bytes): the last subblock ends at byte {last + 32 + used}", path
                 )
+    return short
+
+
+def _short_subblock_in(short: list[dict], s_index: int | None, c: int, z: int, t: int, roi: tuple[int, int, int, int]) -> dict | None:
+    """The first too-short uncompressed subblock of this plane that intersects `roi` (global x, y, w, h)."""
+    x, y, w, h = roi
+    for block in short:
+        d, n = block["dims"], block["sizes"]
+        if s_index is not None and d.get("S", 0) != s_index:
+            continue
+        if (d.get("C", 0), d.get("Z", 0), d.get("T", 0)) != (c, z, t):
+            continue
+        bx, by, bw, bh = d.get("X", 0), d.get("Y", 0), n.get("X", 0), n.get("Y", 0)
+        if bx < x + w and x < bx + bw and by < y + h and y < by + bh:
+            return block
+    return None
 
 
 # --- metadata helpers (pure functions of the XML tree) -----------------------------------------

@@ -43,8 +43,10 @@ class TiffReader:
             self._photometric = self._tif.pages.first.photometric
         except Exception as exc:
             raise SlideReadError(f"not a readable TIFF file ({size} bytes): {one_line(exc)}", self.path) from exc
+        self._size = size
         self._array = None
         self._store = None
+        self._checked_pages: set[int] = set()
         self._layout = self._classify_axes()
         self._info: SlideInfo | None = None
 
@@ -81,7 +83,7 @@ class TiffReader:
             channel_axis = candidates[0]
         elif "C" in sizes:
             channel_axis = "C"
-        extra = [a for a in axes if a not in ("Y", "X", "Z", "S") and a != channel_axis and sizes[a] > 1]
+        extra = [a for a in axes if a not in ("Y", "X", "Z", "T", "S") and a != channel_axis and sizes[a] > 1]
         if extra:
             raise SlideReadError(
                 f"unsupported axes {''.join(extra)} of size > 1 (axes {axes!r}, shape {shape}): one file must be one section",
@@ -115,6 +117,7 @@ class TiffReader:
             dtype=self._dtype.name,
             samples_per_pixel=3 if self._layout["rgb"] else 1,
             z_planes=int(sizes.get("Z", 1)),
+            time_points=int(sizes.get("T", 1)),
         )
         objective, magnification = _ome_objective(ome)
         return SlideInfo(
@@ -128,13 +131,13 @@ class TiffReader:
 
     # --- pixels ------------------------------------------------------------------------------
     def read_region(
-        self, scene: int, channel: int, x: int, y: int, width: int, height: int, z: int = 0
+        self, scene: int, channel: int, x: int, y: int, width: int, height: int, z: int = 0, t: int = 0
     ) -> np.ndarray:
         info = self.info()
         if scene != 0:
             raise SlideReadError(f"no scene {scene + 1}: a TIFF section has one scene", self.path)
         sc = info.scenes[0]
-        check_region(sc, self.path, channel, x, y, width, height, z)
+        check_region(sc, self.path, channel, x, y, width, height, z, t)
         index = []
         kept = []
         for axis in self._axes:
@@ -151,21 +154,59 @@ class TiffReader:
                 kept.append(axis)
             elif axis == "Z":
                 index.append(z)
+            elif axis == "T":
+                index.append(t)
             else:
                 index.append(0)
+        plane = f"channel {channel} z {z}" + (f" t {t}" if sc.time_points > 1 else "")
+        pages = self._check_pages(plane, channel, z, t)
         try:
             data = self._zarr()[tuple(index)]
         except SlideReadError:
             raise
         except Exception as exc:
             raise SlideReadError(
-                f"channel {channel} z {z}: cannot decode region x={x} y={y} {width}x{height}: {one_line(exc)}", self.path
+                f"{plane} ({pages}): cannot decode region x={x} y={y} {width}x{height}: {one_line(exc)}", self.path
             ) from exc
         order = [kept.index(a) for a in ("Y", "X", "S") if a in kept]
         data = np.transpose(np.asarray(data), order)
         if data.shape[:2] != (height, width):
             raise SlideReadError(f"read {data.shape[:2]} for a {height}x{width} region", self.path)
         return np.ascontiguousarray(data)
+
+    def _check_pages(self, plane: str, channel: int, z: int, t: int) -> str:
+        """Refuse to read a page whose strip/tile directory is damaged.
+
+        tifffile fills a strip or tile whose offset or byte count is 0 (or whose offsets tag is
+        missing) with zeros and only logs it: read through it, a damaged page directory becomes
+        an all-zero section. The page's own directory entries are checked instead: one offset
+        and byte count per strip or tile, each non-zero and inside the file.
+        """
+        if self._tif is None:
+            raise SlideReadError("reader is closed", self.path)
+        series = self._tif.series[0]
+        pages = series.pages
+        page_axes = series.keyframe.axes
+        prefix = self._axes[: len(self._axes) - len(page_axes)] if self._axes.endswith(page_axes) else None
+        sizes = dict(zip(self._axes, self._shape))
+        if prefix is not None and math.prod(sizes[a] for a in prefix) == len(pages):
+            where = {self._layout["channel"]: channel - 1, "Z": z, "T": t}
+            numbers = [np.ravel_multi_index([where.get(a, 0) for a in prefix], [sizes[a] for a in prefix])] if prefix else [0]
+        else:  # a layout we cannot map to pages: check them all
+            numbers = list(range(len(pages)))
+        for number in numbers:
+            page = pages[number]
+            if page is None:
+                raise SlideReadError(f"{plane}: page {number + 1} of the series is missing from the file", self.path)
+            if number in self._checked_pages:
+                continue
+            reason = _segment_damage(page, self._size)
+            if reason:
+                raise SlideReadError(f"{plane}: page {page.index + 1} is damaged: {reason}; not reading it as zeros", self.path)
+            self._checked_pages.add(number)
+        if len(numbers) == 1:
+            return f"page {pages[numbers[0]].index + 1}"
+        return f"pages {pages[numbers[0]].index + 1}-{pages[numbers[-1]].index + 1}"
 
     def _zarr(self):
         if self._tif is None:
@@ -176,6 +217,26 @@ class TiffReader:
             self._store = self._tif.aszarr(series=0, level=0)
             self._array = zarr.open(self._store, mode="r")
         return self._array
+
+
+def _segment_damage(page, file_size: int) -> str | None:
+    """Why the strips/tiles of `page` cannot all be read, or None."""
+    keyframe = getattr(page, "keyframe", None) or page
+    kind = "tile" if keyframe.is_tiled else "strip"
+    offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+    counts = np.asarray(page.databytecounts, dtype=np.int64)
+    expected = math.prod(keyframe.chunked)
+    if len(offsets) != expected or len(counts) != expected:
+        return f"{len(offsets)} {kind} offsets and {len(counts)} byte counts for {expected} {kind}s"
+    empty = np.flatnonzero((offsets <= 0) | (counts <= 0))
+    if empty.size:
+        i = int(empty[0])
+        return f"{kind} {i} has no data (offset {offsets[i]}, {counts[i]} bytes)"
+    beyond = np.flatnonzero(offsets + counts > file_size)
+    if beyond.size:
+        i = int(beyond[0])
+        return f"{kind} {i} (bytes {offsets[i]}-{offsets[i] + counts[i]}) lies beyond the end of the file ({file_size} bytes)"
+    return None
 
 
 # --- folders of sections ---------------------------------------------------------------------
