@@ -30,21 +30,25 @@ def write_czi(
     scale_y: float = 0.325e-6,
     compression: str | None = ZSTD,
     z_planes: list[list[list[np.ndarray]]] | None = None,
+    time_points: list[list[list[np.ndarray]]] | None = None,
 ) -> Path:
     """A mosaic CZI: scenes = [((x, y) origin, [channel arrays])], each written as overlapping tiles.
 
-    `z_planes`, when given, replaces the channel arrays by [scene][channel][z] arrays.
+    `z_planes`, when given, replaces the channel arrays by [scene][channel][z] arrays;
+    `time_points` by [scene][channel][t] arrays (a time series, one z plane).
     """
     from pylibCZIrw import czi as pyczi
 
+    axis = "T" if time_points is not None else "Z"
+    stacked = time_points if time_points is not None else z_planes
     with pyczi.create_czi(str(path), exist_ok=True, compression_options=compression) as writer:
         for s, ((ox, oy), channels) in enumerate(scenes):
-            stacks = z_planes[s] if z_planes is not None else [[c] for c in channels]
+            stacks = stacked[s] if stacked is not None else [[c] for c in channels]
             for c, planes in enumerate(stacks):
-                for z, image in enumerate(planes):
+                for k, image in enumerate(planes):
                     for ty, tx in tile_origins(image.shape[:2], tile, overlap):
                         part = np.ascontiguousarray(image[ty : ty + tile, tx : tx + tile])
-                        writer.write(part, location=(ox + tx, oy + ty), plane={"C": c, "Z": z}, scene=s)
+                        writer.write(part, location=(ox + tx, oy + ty), plane={"C": c, axis: k}, scene=s)
         writer.write_metadata(channel_names=channel_names or {}, scale_x=scale_x, scale_y=scale_y)
     return path
 

@@ -92,6 +92,29 @@ def test_downgrade_to_base_then_upgrade_again(engine, db_url):
         again.dispose()
 
 
+def test_upgrade_from_0002_keeps_sections_as_one_time_point(engine, db_url):
+    """Revision 0003 adds time_points / time_point: rows extracted before it read as (1, 0)."""
+    with engine.begin() as conn:
+        command.downgrade(alembic_config(conn), "0002")
+    assert "time_points" not in {c["name"] for c in inspect(engine).get_columns("slide_czi_to_tif")}
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO animal (prep_id) VALUES ('OLD')"))
+        conn.execute(text("INSERT INTO scan_run (id, FK_prep_id) VALUES (1, 'OLD')"))
+        conn.execute(text("INSERT INTO slide (id, FK_scan_run_id, slide_physical_id, file_name) VALUES (1, 1, 1, 'a.czi')"))
+        conn.execute(text("INSERT INTO slide_czi_to_tif (FK_slide_id, file_name, scene_number, scene_index, scene_order, "
+                          "channel, width, height, bbox_x, bbox_y, dtype, z_planes, z_plane) "
+                          "VALUES (1, 'a_S1_C1.tif', 1, 0, 1, 1, 10, 10, 0, 0, 'uint16', 3, 1)"))
+    engine.dispose()
+    again = init_db(db_url)
+    try:
+        with session_scope(again) as session:
+            row = session.scalars(select(SlideCziToTif)).one()
+            assert (row.z_planes, row.z_plane, row.time_points, row.time_point) == (3, 1, 1, 0)
+        assert _schema_differences(again) == []
+    finally:
+        again.dispose()
+
+
 def test_init_db_again_keeps_rows(engine, db_url):
     with session_scope(engine) as session:
         session.add(Animal(prep_id="DK1", comments="hand-entered"))

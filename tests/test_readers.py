@@ -314,7 +314,7 @@ def test_plain_tiff_resolution_tags_rgb_and_no_pixel_size(tmp_path):
         assert [c.name for c in reader.info().scenes[0].channels] == ["C1"]
 
 
-def test_tiff_z_stack_and_page_channels(tmp_path):
+def test_tiff_z_stack_time_axis_and_page_channels(tmp_path):
     rng = np.random.default_rng(6)
     stack = rng.integers(0, 255, (3, 2, 64, 80), dtype=np.uint8)  # Z, C, Y, X
     path = tmp_path / "zc.ome.tif"
@@ -323,6 +323,12 @@ def test_tiff_z_stack_and_page_channels(tmp_path):
         scene = reader.info().scenes[0]
         assert (scene.z_planes, len(scene.channels)) == (3, 2)
         np.testing.assert_array_equal(reader.read_region(0, 2, 0, 0, 80, 64, z=2), stack[2, 1])
+    series = tmp_path / "tc.ome.tif"  # a time axis is a choice (t=), not an error
+    tifffile.imwrite(series, stack[:2], ome=True, metadata={"axes": "TCYX"})
+    with open_slide(series) as reader:
+        scene = reader.info().scenes[0]
+        assert (scene.time_points, scene.z_planes, len(scene.channels)) == (2, 1, 2)
+        np.testing.assert_array_equal(reader.read_region(0, 2, 0, 0, 80, 64, t=1), stack[1, 1])
     pages = tmp_path / "pages.tif"
     tifffile.imwrite(pages, stack[0])  # two plain pages: one channel each
     with open_slide(pages) as reader:
@@ -353,3 +359,52 @@ def test_natural_sort_and_gaps(tmp_path):
     assert find_gaps(series) == [4]
     assert find_gaps([Path("a.tif"), Path("b.tif")]) == []
     assert find_gaps([Path("a_7.tif")]) == []
+
+
+# --- time series and damaged page directories ------------------------------------------------
+def test_czi_time_series_reads_the_chosen_time_point(tmp_path):
+    frames = [_image((150, 200), 50 + t) for t in range(3)]
+    path = write_czi(tmp_path / "t.czi", [((4, 9), [])], time_points=[[frames]], tile=128, overlap=8)
+    with open_slide(path) as reader:
+        scene = reader.info().scenes[0]
+        assert (scene.time_points, scene.z_planes) == (3, 1)
+        for t in range(3):
+            np.testing.assert_array_equal(reader.read_region(0, 1, 0, 0, 200, 150, t=t), frames[t])
+        with pytest.raises(SlideReadError, match="no time point 3"):
+            reader.read_region(0, 1, 0, 0, 200, 150, t=3)
+
+
+def _damage(path: Path, page: int, tag_name: str, how: str) -> None:
+    import struct
+
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages[page].tags[tag_name]
+        fmt = {3: "H", 4: "I", 16: "Q"}[int(tag.dtype)]
+        entry, values = tag.offset, tag.valueoffset + struct.calcsize(fmt)  # the second strip
+    with open(path, "r+b") as handle:
+        if how == "drop":  # the tag's code becomes an unknown one: the page has no such tag
+            handle.seek(entry)
+            handle.write(struct.pack("<H", 65000))
+        else:
+            handle.seek(values)
+            handle.write(struct.pack("<" + fmt, {"zero": 0, "beyond": 10**8}[how]))
+
+
+@pytest.mark.parametrize("tag_name, how, reason", [
+    ("StripOffsets", "zero", "strip 1 has no data"),
+    ("StripByteCounts", "zero", "strip 1 has no data"),
+    ("StripOffsets", "beyond", "lies beyond the end of the file"),
+    ("StripOffsets", "drop", "0 strip offsets and 4 byte counts for 4 strips"),
+])
+def test_damaged_tiff_page_directory_is_an_error_not_zeros(tmp_path, tag_name, how, reason):
+    """tifffile reads a strip without offset or byte count as zeros (and only logs it)."""
+    data = np.random.default_rng(8).integers(1, 60000, (2, 200, 100), dtype=np.uint16)
+    path = tmp_path / "pages.tif"
+    tifffile.imwrite(path, data, rowsperstrip=64, metadata=None)
+    _damage(path, 1, tag_name, how)
+    with open_slide(path) as reader:
+        np.testing.assert_array_equal(reader.read_region(0, 1, 0, 0, 100, 200), data[0])  # page 1 is fine
+        with pytest.raises(SlideReadError) as failure:
+            reader.read_region(0, 2, 0, 0, 100, 10)
+    message = str(failure.value)
+    assert message.startswith(f"{path}: channel 2 z 0: page 2 is damaged: ") and reason in message, message

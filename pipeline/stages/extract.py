@@ -309,14 +309,16 @@ def _refuse_misfits(ctx: StageContext, described: dict[Path, dict]) -> dict[str,
 
 def _plane_choice(ctx: StageContext, path: Path, meta: dict) -> tuple[dict[int, tuple[int, int]], list[str]]:
     """(scene index -> (z plane, time point)) of the scenes that have the chosen plane, and the
-    reasons for the others: a plane the scene does not have is refused, never clamped."""
+    reasons for the others: a plane the scene does not have is refused, never clamped. The
+    choice applies to scenes that have a choice (several z planes, several time points); a
+    single plane is what it is."""
     z_choice, t_choice = ctx.params.get("z_plane"), ctx.params.get("time_point")
     chosen: dict[int, tuple[int, int]] = {}
     problems: list[str] = []
     for scene in meta["scenes"]:
         nz, nt = scene["z_planes"], scene.get("time_points", 1)
-        z = scene["z_planes"] // 2 if z_choice is None else z_choice
-        t = 0 if t_choice is None else t_choice
+        z = nz // 2 if z_choice is None or nz == 1 else z_choice
+        t = 0 if t_choice is None or nt == 1 else t_choice
         label = f"scene {scene['index'] + 1}" if len(meta["scenes"]) > 1 else "the file"
         if not 0 <= z < nz:
             problems.append(f"--z-plane {z} is out of range: {label} has {nz} z plane{'s' if nz != 1 else ''} (0-{nz - 1})")
