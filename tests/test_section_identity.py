@@ -197,7 +197,8 @@ def test_a_section_that_failed_extract_fails_alone_in_every_later_stage(tiny_sam
     capsys.readouterr()
 
     expected = {"mask": "the extracted channel-1 thumbnail is missing", "clean": "the extracted channel-1 section is missing",
-                "align": "the cleaned channel-1 thumbnail is missing"}
+                "histogram": "the extracted channel-1 section is missing",
+                "align": "the cleaned channel-1 thumbnail is missing", "create_metrics": "the aligned image is missing"}
     for task, what in expected.items():
         assert cli(root, sqlite_url, task) == 1, task
         err = capsys.readouterr().err
@@ -209,19 +210,24 @@ def test_a_section_that_failed_extract_fails_alone_in_every_later_stage(tiny_sam
     assert all(layout.aligned(1, True, n).is_file() for n in good), "the other sections went on"
     aligned = {n: layout.aligned(1, True, n).read_bytes() for n in good}
 
+    assert all(layout.metrics_data(1, True, n).is_file() for n in good[1:]), "compared across the gap"
+
     # Publishing needs the whole stack: one line naming the section and both ways out.
-    assert cli(root, sqlite_url, "neuroglancer") == 1
-    errors = error_lines(capsys.readouterr().err)
-    assert len(errors) == 1 and "1 of 6 aligned sections cannot be published (DEMO_slide01_S2 is missing)" in errors[0]
-    assert "--task align --channel 1 --downsample true" in errors[0] and errors[0].endswith(deactivate)
-    assert not layout.precomputed_layer(1, True).exists()
+    for task in ("neuroglancer", "omezarr"):
+        assert cli(root, sqlite_url, task) == 1
+        errors = error_lines(capsys.readouterr().err)
+        assert len(errors) == 1 and "1 of 6 aligned sections cannot be published (DEMO_slide01_S2 is missing)" in errors[0]
+        assert "--task align --channel 1 --downsample true" in errors[0] and errors[0].endswith(deactivate)
+        assert last_run(sqlite_url).status == "failed"
+    assert not layout.precomputed_layer(1, True).exists() and not layout.omezarr(1, True).exists()
 
     # The user runs the SQL from the message: every stage completes, nothing good is redone.
     sql(sqlite_url, deactivate)
     mtimes = {n: layout.mask(n).stat().st_mtime_ns for n in good}
     assert cli(root, sqlite_url, "mask") == 0 and last_run(sqlite_url).tasks_run == 0
     assert {n: layout.mask(n).stat().st_mtime_ns for n in good} == mtimes
-    assert cli(root, sqlite_url, "clean") == 0 and last_run(sqlite_url).tasks_run == 0
+    for task in ("clean", "histogram"):
+        assert cli(root, sqlite_url, task) == 0 and last_run(sqlite_url).tasks_run == 0, task
     assert cli(root, sqlite_url, "align") == 0
     assert {n: layout.aligned(1, True, n).read_bytes() for n in good} == aligned, "the stack was already bridged"
     assert cli(root, sqlite_url, "neuroglancer") == 0
