@@ -182,6 +182,7 @@ class StageContext:
         self.run_id = run_id
         self.failures: list[TaskFailure] = []
         self._unchanged_cache: dict[tuple[str, int], bool] = {}
+        self._stale_cache: dict[int, tuple[Path, str] | None] = {}
         self.counts = {"tasks_total": 0, "tasks_run": 0, "tasks_skipped": 0, "tasks_failed": 0}
         self.log = log
 
@@ -200,10 +201,10 @@ class StageContext:
 
     def output_problem(self, session: Session, path: Path) -> str | None:
         """Why `path` cannot be trusted as the product of an earlier stage now, or None when it
-        can: it must be recorded in file_log as an output, be unchanged on disk since, and have
-        been made from the current version of each of its recorded inputs (a mask made before
-        its overlay was edited again, or a cleaned section whose mask was remade since, is out
-        of date). A file that merely exists at the path proves nothing."""
+        can: it must be recorded in file_log as an output, be unchanged on disk since, and no
+        file it was made from, directly or further up, may have changed after the stage that
+        read it (an aligned section whose mask was edited and remade since is out of date, even
+        though its cleaned input did not change yet). A file that merely exists proves nothing."""
         path = Path(path)
         if not path.exists():
             return "is missing"
@@ -212,13 +213,30 @@ class StageContext:
             return "was not made by slidepipe (no record in file_log)"
         if not self._unchanged(path, row):
             return "changed on disk since slidepipe wrote it"
+        stale = self._stale_input(session, row)
+        if stale is not None:
+            source, stage = stale
+            return f"is out of date: {source} changed after {stage} read it (run --task {stage} again, and the stages after it)"
+        return None
+
+    def _stale_input(self, session: Session, row: FileLog) -> tuple[Path, str] | None:
+        """(file, stage that read it) of the first input upstream of `row` that changed after it
+        was read, or None. Inputs that are gone (raw slides moved away after extract, or
+        intermediate files deleted to save space) are not newer ones. Memoised per record."""
+        if row.id in self._stale_cache:
+            return self._stale_cache[row.id]
+        found = None
         for used in row.inputs:
-            # An input that is gone (raw slides moved away after extract, say) is not a newer one.
             source = self.layout.absolute(used.path)
             newest = current_file(session, used.path)
             if newest.checksum != used.checksum or (source.exists() and not self._unchanged(source, newest)):
-                return f"is out of date: its input {source} changed since"
-        return None
+                found = (source, row.run.stage if row.run is not None else "the stage that made it")
+            elif newest.kind == "output":
+                found = self._stale_input(session, newest)
+            if found is not None:
+                break
+        self._stale_cache[row.id] = found
+        return found
 
     def _unchanged(self, path: Path, row: FileLog) -> bool:
         """`unchanged_on_disk`, once per file and record in this run: a slide is the input of

@@ -198,6 +198,14 @@ def test_edited_overlay_reruns_exactly_the_affected_sections(tiny_sample, tmp_pa
     assert cli(root, sqlite_url, "mask") == 0  # the edit is kept, nothing recomputed
     assert last_run(sqlite_url).tasks_run == 0 and np.array_equal(read(layout.mask(n[edited])) > 0, new_mask)
 
+    # Until clean and align ran again, what was made from the old mask is out of date, even two
+    # stages down: the aligned stack is not published (and every section's transform depends on it).
+    assert cli(root, sqlite_url, "neuroglancer") == 1
+    error = last_run(sqlite_url).error
+    assert f"{count} of {count} aligned sections cannot be published" in error
+    assert f"{layout.mask(n[edited])} changed after clean read it (run --task clean again" in error
+    assert not layout.precomputed_layer(1, True).exists()
+
     assert cli(root, sqlite_url, "clean") == 0
     assert made_by_last_run(sqlite_url, root) == {f"preps/CH1/thumbnail_cleaned/{n[edited]}.tif",
                                                   f"www/section/CH1_thumbnail/{n[edited]}.png"}
