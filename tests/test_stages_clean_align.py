@@ -220,7 +220,7 @@ def test_edited_overlay_reruns_exactly_the_affected_sections(tiny_sample, tmp_pa
     assert all(p not in rewarped for p in range(edited + 1, count)), (rewarped, reference)
 
 
-def test_bad_sections_fail_alone_and_are_never_black(tiny_sample, tmp_path, sqlite_url):
+def test_bad_sections_fail_alone_and_are_never_black(tiny_sample, tmp_path, sqlite_url, caplog):
     root = copy_sample(tiny_sample, tmp_path)
     layout = AnimalLayout(root, "DEMO")
     assert cli(root, sqlite_url, "extract") == 0
@@ -237,8 +237,14 @@ def test_bad_sections_fail_alone_and_are_never_black(tiny_sample, tmp_path, sqli
     bigger = np.pad(read(thumbs[4]), 9, mode="edge")
     tifffile.imwrite(thumbs[4], bigger)
     record_outputs(sqlite_url, root, [thumbs[2], thumbs[4]], stage="extract")  # as if extract had made them
+    # an overlay named by position, left by an older slidepipe: said, never silently ignored
+    legacy = layout.masks_dir("colored", True) / "003.tif"
+    legacy.parent.mkdir(parents=True)
+    tifffile.imwrite(legacy, np.zeros((4, 4, 3), np.uint8), photometric="rgb")
 
-    assert cli(root, sqlite_url, "mask") == 1
+    with caplog.at_level("WARNING", logger="slidepipe"):
+        assert cli(root, sqlite_url, "mask") == 1
+    assert any("named by position (003.tif)" in r.getMessage() for r in caplog.records)
     run = last_run(sqlite_url)
     assert run.status == "failed" and run.tasks_failed == 1
     assert f"{thumbs[2]}: no tissue found" in run.error
