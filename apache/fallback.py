@@ -74,11 +74,17 @@ class Site:
             return Target(400)
         directory = decoded.endswith("/")
         if not parts:
-            return self._file(self.static_dir, ["index.html"])
+            index = self._file(self.data_root, [".www", "index.html"])
+            return index if index.status == 200 else self._file(self.static_dir, ["index.html"])
         if parts[0] == "v":
             return self._client(parts[1:], directory, query)
-        if not ANIMAL_NAME.fullmatch(parts[0]) or len(parts) == 1:
+        if not ANIMAL_NAME.fullmatch(parts[0]):
             return Target(404)
+        if len(parts) == 1:  # an animal's QC page (create_pipeline --task web), when it exists
+            page = self._file(self.data_root, [parts[0], "www", "index.html"])
+            if page.status != 200:
+                return Target(404)
+            return page if directory else Target(301, location=f"/{urllib.parse.quote(parts[0])}/")
         animal, rest = parts[0], parts[1:]
         plain = self._file(self.data_root, [animal, "www", *rest])
         if plain.status == 404:

@@ -44,6 +44,18 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
         raise
 
 
+def write_text_if_changed(path: str | Path, text: str) -> bool:
+    """Write `text` atomically unless the file already holds exactly it (then its mtime, and so
+    what a web server reports for it, stays). True when written."""
+    path = Path(path)
+    data = text.encode()
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return False
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return True
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 from pipeline.config import Settings  # noqa: E402
 from pipeline.errors import ConfigError, SlidepipeError  # noqa: E402
 
-STAGES = ["extract", "mask", "clean", "histogram", "align", "create_metrics", "neuroglancer", "omezarr"]
+STAGES = ["extract", "mask", "clean", "histogram", "align", "create_metrics", "neuroglancer", "omezarr", "web"]
 TASKS = STAGES + ["status", "all"]
 SUBCOMMANDS = ("sample", "serve", "worker", "tiff2omezarr", "how")
 
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         channels = _channels_for(engine, args, module) if args.task == "all" else [args.channel]
         for channel in channels:
             code = max(code, run_stage(module, engine, settings, args, channel))
+        if getattr(module, "REFRESH_PAGES", False) and args.task != "all":  # 'all' ends with web anyway
+            code = max(code, run_stage(stage_module("web"), engine, settings, args, 1))
         if code and args.task == "all":
             print(f"stopping 'all' after {name} failed", file=sys.stderr)
             break

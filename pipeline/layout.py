@@ -42,6 +42,12 @@ def server_state_dir(data_root: str | Path) -> Path:
     return Path(data_root).absolute() / ".serve"
 
 
+def site_index(data_root: str | Path) -> Path:
+    """The index page of every animal of a data root (`create_pipeline --task web`), served at
+    `/`. In a dot folder, which no animal name can be (Apache serves only this file from it)."""
+    return Path(data_root).absolute() / ".www" / "index.html"
+
+
 @dataclass(frozen=True)
 class AnimalLayout:
     data_root: Path
@@ -180,6 +186,23 @@ class AnimalLayout:
 
     def viewer_links(self) -> Path:
         return self.www / "neuroglancer" / "links.json"
+
+    # --- QC and provenance pages (web stage), served at /<animal>/ ---------------------------
+    def web_page(self, name: str) -> Path:
+        """A page of the animal's QC site: `index` is the animal page, served at /<animal>/."""
+        return self.www / f"{name}.html"
+
+    @property
+    def web_image_dir(self) -> Path:
+        """PNGs the web stage renders for its pages (never links into preps/)."""
+        return self.www / "qc"
+
+    def mask_png(self, position: int) -> Path:
+        """The editable mask overlay of a section, as the pages show it."""
+        return self.web_image_dir / "mask" / f"{section_name(position)}.png"
+
+    def aligned_png(self, channel: int, position: int) -> Path:
+        return self.web_image_dir / f"aligned_CH{channel}" / f"{section_name(position)}.png"
 
     # --- provenance relative paths ---------------------------------------------------------
     def relative(self, path: Path) -> str:

@@ -172,8 +172,9 @@ def one_to_one(state: dict, section: int | None = None) -> dict:
                  showScaleBar=False)
     state.pop("selectedLayer", None)
     if section is not None:  # keep the state's offset within a section (0.5: precomputed, 0: OME-Zarr)
-        z = state["position"][2]
-        state["position"] = [state["position"][0], state["position"][1], section + (z - np.floor(z))]
+        from web.state import at_section
+
+        state = at_section(state, section)
     return state
 
 

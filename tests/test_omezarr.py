@@ -563,7 +563,8 @@ def last_runs(db_url, count: int = 1):
 
     engine = init_db(db_url)
     with session_scope(engine) as s:
-        runs = list(s.scalars(select(PipelineRun).order_by(PipelineRun.id.desc()).limit(count)))
+        runs = list(s.scalars(select(PipelineRun).where(PipelineRun.stage != "web")  # web: the pages after it
+                              .order_by(PipelineRun.id.desc()).limit(count)))
         for run in runs:
             s.expunge(run)
     engine.dispose()

@@ -27,6 +27,9 @@ from pipeline.layout import AnimalLayout
 
 PUBLIC_NEUROGLANCER = "https://neuroglancer-demo.appspot.com/"
 OFFLINE_TOKEN = "slidepipe"
+ORIGIN_PLACEHOLDER = "SLIDEPIPE_ORIGIN"
+"""`base_url` of states stored in static pages (web.pages): the page puts its own origin
+(`location.origin`) in its place when it is opened, so no host name is written into a page."""
 
 # Characters left as they are in the URL fragment (the rest is percent-encoded).
 _FRAGMENT_SAFE = "~@$&()*!+=:;,.?/'"
@@ -346,6 +349,24 @@ def _volumes(ly: AnimalLayout, channels: Sequence[int] | None, downsample: bool,
 
 def _is_zarr(path: Path) -> bool:
     return (path / "zarr.json").is_file() or (path / ".zattrs").is_file()
+
+
+def section_z_offset(state: Mapping[str, Any]) -> float:
+    """Where in a voxel the state's z position sits: 0.5 for precomputed (voxel i on [i, i+1)),
+    0 for OME-Zarr (pixel centres on i); `build_state` keeps it at every section."""
+    z = float(state["position"][2])
+    return z - float(np.floor(z))
+
+
+def at_section(state: Mapping[str, Any], section: int, layout: str | None = None) -> dict[str, Any]:
+    """A copy of `state` showing section `section` (z index = position in the ordered stack)."""
+    import copy
+
+    moved = copy.deepcopy(dict(state))
+    moved["position"] = [moved["position"][0], moved["position"][1], section + section_z_offset(state)]
+    if layout is not None:
+        moved["layout"] = layout
+    return moved
 
 
 # --- links ------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pipeline.runner import StageContext, Task
 NAME = "neuroglancer"
 VERSION = 1
 PER_CHANNEL = True
+REFRESH_PAGES = True  # create_pipeline runs the web stage after this one: the pages link the new layer
 
 MARKER_DIR = "slidepipe_sections"
 """Inside the step-1 layer: one small JSON per written section, the step-1 tasks' recorded

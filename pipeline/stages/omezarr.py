@@ -20,6 +20,7 @@ from pipeline.runner import StageContext, Task
 NAME = "omezarr"
 VERSION = 2  # 2: level translations, a completion signature covering the level factors
 PER_CHANNEL = True
+REFRESH_PAGES = True  # create_pipeline runs the web stage after this one: the pages link the new layer
 
 STACK_CHUNK = (16, 128, 128)
 """Default chunk (z, y, x) for section stacks: thin in z, because sections are viewed plane by
