@@ -197,12 +197,12 @@ class AnimalLayout:
         """PNGs the web stage renders for its pages (never links into preps/)."""
         return self.www / "qc"
 
-    def mask_png(self, position: int) -> Path:
+    def mask_png(self, section: str) -> Path:
         """The editable mask overlay of a section, as the pages show it."""
-        return self.web_image_dir / "mask" / f"{section_name(position)}.png"
+        return self.web_image_dir / "mask" / f"{_section_file(section)}.png"
 
-    def aligned_png(self, channel: int, position: int) -> Path:
-        return self.web_image_dir / f"aligned_CH{channel}" / f"{section_name(position)}.png"
+    def aligned_png(self, channel: int, section: str) -> Path:
+        return self.web_image_dir / f"aligned_CH{channel}" / f"{_section_file(section)}.png"
 
     # --- provenance relative paths ---------------------------------------------------------
     def relative(self, path: Path) -> str:

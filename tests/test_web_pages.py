@@ -29,7 +29,8 @@ import pytest
 from sqlalchemy import select, text
 
 from apache.launcher import create_server
-from db.models import PipelineRun, Slide, SlideCziToTif
+from db.models import PipelineRun, Slide
+from db.queries import ordered_sections, section_key_of
 from db.session import init_db, session_scope
 from pipeline.create_pipeline import main
 from pipeline.layout import AnimalLayout, site_index
@@ -125,6 +126,7 @@ def test_pages_in_chromium_from_apache(site):
     root, url, dropped = site
     with session_scope(init_db(url)) as s:
         checksums = {sl.file_name: sl.checksum for sl in s.scalars(select(Slide))}
+        bad_key = section_key_of(ordered_sections(s, ANIMAL, 1)[BAD])
     with create_server("apache", root) as server, chromium_driver(1200, 1000) as driver:
         expected_state = {name: build_state(root, ANIMAL, server.url, channels=[1], downsample=True,
                                             layer_source=source)
@@ -179,7 +181,7 @@ def test_pages_in_chromium_from_apache(site):
                 flagged = [r.get_attribute("data-pair") for r in driver.find_elements("css selector", "tr.pair.flagged")]
                 assert f"{BAD - 1}-{BAD}" in flagged
                 row = driver.find_element("id", f"pair-{BAD}")
-                assert f"--task align --section {BAD} " in row.text and "(manual)" in row.text
+                assert f"--task align --section {bad_key} " in row.text and "(manual)" in row.text
             if name == "provenance":
                 for layer in ("C1T", "C1T.ome.zarr"):
                     block = driver.find_element("id", f"layer-{layer}").find_element("xpath", "following-sibling::table[2]")
@@ -224,7 +226,7 @@ def test_no_listing_and_no_private_folder_with_the_pages_in_place(site, kind):
     root, _, _ = site
     if kind == "apache":
         require_apache()
-    private = ["/slidepipe.db", f"/{ANIMAL}/preps/masks/CH1/thumbnail_colored/000.tif", f"/{ANIMAL}/czi/",
+    private = ["/slidepipe.db", f"/{ANIMAL}/preps/masks/CH1/thumbnail_colored/{ANIMAL}_slide01_S1.tif", f"/{ANIMAL}/czi/",
                f"/{ANIMAL}/../slidepipe.db", f"/{ANIMAL}/%2e%2e/czi/", "/.www/index.html", "/.www/",
                f"/{ANIMAL}/qc/", f"/{ANIMAL}/qc/mask/", f"/{ANIMAL}/neuroglancer_data/", f"/{ANIMAL}/scene/"]
     with create_server(kind, root) as server:

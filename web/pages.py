@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.atomic import write_text_if_changed
 from pipeline.errors import SlidepipeError
-from pipeline.layout import AnimalLayout, section_name, site_index
+from pipeline.layout import AnimalLayout, site_index
 
 PAGES = ("index", "sections", "alignment", "histograms", "provenance")
 """Pages of an animal (www/<name>.html); `sections` is written once per channel as
@@ -156,10 +156,6 @@ def _first(rows):
     return next((r for r in rows if r.channel == 1), rows[0])
 
 
-def deactivate_sql(slide_id: int, scene_index: int) -> str:
-    return f"UPDATE slide_czi_to_tif SET active = 0 WHERE FK_slide_id = {slide_id} AND scene_index = {scene_index};"
-
-
 def _url(layout: AnimalLayout, path: Path) -> str | None:
     """The page-relative URL of a file under www/, None when it does not exist."""
     return path.relative_to(layout.www).as_posix() if path.is_file() else None
@@ -174,17 +170,17 @@ class AnimalSite:
         self.animal = ctx.animal
 
     # -- images -------------------------------------------------------------------------------
-    def render_images(self, order_len: int, channels: list[int]) -> None:
+    def render_images(self, sections: list[str], channels: list[int]) -> None:
         """Mask overlays and aligned thumbnails as PNGs under www/qc/ (runner tasks: redone
         only when their TIFF changed); PNGs of sections no longer in the stack are removed."""
         from pipeline.runner import Task
 
         ly = self.layout
         wanted: list[tuple[Path, Path]] = []
-        for position in range(order_len):
-            wanted.append((ly.mask(position, True, "colored"), ly.mask_png(position)))
+        for key in sections:
+            wanted.append((ly.mask(key, True, "colored"), ly.mask_png(key)))
             for channel in channels:
-                wanted.append((ly.aligned(channel, True, position), ly.aligned_png(channel, position)))
+                wanted.append((ly.aligned(channel, True, key), ly.aligned_png(channel, key)))
         tasks = [Task(key=f"png:{ly.relative(out)}", func=render_png, kwargs={"source": str(src), "output": str(out)},
                       inputs=[src], outputs=[out], params={"display": "to_display_uint8"}, label=str(src))
                  for src, out in wanted if src.is_file()]
@@ -201,7 +197,7 @@ class AnimalSite:
         from sqlalchemy import func, select
 
         from db.models import AlignmentMetric, ElastixTransformation, FileLog, PipelineRun
-        from db.queries import current_file, ordered_sections, runs
+        from db.queries import current_file, deactivate_sql, ordered_sections, runs, section_key_of
 
         ly, animal = self.layout, self.animal
         with self.ctx.session() as session:
@@ -209,8 +205,8 @@ class AnimalSite:
             if found is None:
                 raise SlidepipeError(f"animal {animal} has no scan run yet: run --task extract first")
             channels = sorted({r.channel for _, scenes in found[1] for _, rows in scenes for r in rows}) or [1]
-            count = len(found[3])
-        self.render_images(count, channels)   # runner tasks: their own sessions
+            keys = [section_key_of(r) for r in found[3]]
+        self.render_images(keys, channels)   # runner tasks: their own sessions
         with self.ctx.session() as session:
             hosts = {h for (h,) in session.execute(select(PipelineRun.host).distinct())}
             scrub = Scrubber(ly.data_root, hosts)
@@ -231,9 +227,9 @@ class AnimalSite:
                         "samples": first.samples_per_pixel, "z_planes": first.z_planes, "z_plane": first.z_plane,
                         "channels": [{"channel": r.channel, "name": r.channel_name or "", "active": r.active,
                                       "id": r.id} for r in rows],
-                        "active": active, "position": pos, "name": section_name(pos) if pos is not None else None,
+                        "active": active, "position": pos, "name": section_key_of(first),
                         "thumbnail": _url(ly, ly.scene_png(stem, scene_index)),
-                        "deactivate": deactivate_sql(slide_id, scene_index),
+                        "deactivate": deactivate_sql([(slide_id, scene_index)]),
                         "activate": (f"UPDATE slide_czi_to_tif SET active = 1 WHERE FK_slide_id = {slide_id} "
                                      f"AND scene_index = {scene_index};"),
                         "reorder": (f"UPDATE slide_czi_to_tif SET scene_order = {first.scene_order} "
@@ -246,7 +242,7 @@ class AnimalSite:
                                     "drop": f"UPDATE slide SET active = 0 WHERE id = {slide.id};",
                                     "renumber": (f"UPDATE slide SET slide_physical_id = {slide.slide_physical_id} "
                                                  f"WHERE id = {slide.id};")})
-            stack = [{"position": i, "name": section_name(i), "slide": r.slide.file_name, "scene": r.scene_index + 1,
+            stack = [{"position": i, "name": section_key_of(r), "slide": r.slide.file_name, "scene": r.scene_index + 1,
                       "slide_id": r.FK_slide_id, "scene_index": r.scene_index, "row_id": r.id}
                      for i, r in enumerate(order)]
             per_channel_rows = {c: {r.id: i for i, r in enumerate(ordered_sections(session, animal, c))}
@@ -285,15 +281,16 @@ class AnimalSite:
                             continue   # a section no longer in the stack
                         t = transforms.get(moving, {"rotation": 0.0, "xshift": 0.0, "yshift": 0.0,
                                                     "manual": False, "metric": None})
-                        pairs.append({"fixed": section_name(fixed), "moving": section_name(moving), "position": moving,
+                        name = section_key_of(order[moving])
+                        pairs.append({"fixed": section_key_of(order[fixed]), "moving": name, "position": moving,
                                       "ncc": row.ncc, "mi": row.mutual_information, "overlap": row.overlap_fraction,
-                                      "flagged": moving in flagged, "transform": t,
-                                      "fix": (f"create_pipeline --animal {animal} --task align --section {moving} "
+                                      "flagged": name in flagged, "transform": t,
+                                      "fix": (f"create_pipeline --animal {animal} --task align --section {name} "
                                               f"--rotation {t['rotation']:.3f} --xshift {t['xshift']:.2f} "
                                               f"--yshift {t['yshift']:.2f}")})
                     pairs.sort(key=lambda p: p["position"])
                     metrics.append({"channel": channel, "resolution": resolution, "plot": _url(ly, plot),
-                                    "pairs": pairs, "flagged": sorted(flagged)})
+                                    "pairs": pairs, "flagged": [p["moving"] for p in pairs if p["flagged"]]})
 
             # runs (all but this page-rendering stage)
             file_counts = dict(session.execute(select(FileLog.FK_pipeline_run_id, func.count()).join(
@@ -426,10 +423,10 @@ class AnimalSite:
         by_moving = {p["position"]: p for p in (metric["pairs"] if metric else [])}
         rows = []
         for s in data["stack"]:
-            i = s["position"]
-            rows.append({**s, "mask": _url(ly, ly.mask_png(i)),
-                         "cleaned": _url(ly, ly.section_png(channel, True, i)),
-                         "aligned": _url(ly, ly.aligned_png(channel, i)), "pair": by_moving.get(i)})
+            key = s["name"]
+            rows.append({**s, "mask": _url(ly, ly.mask_png(key)),
+                         "cleaned": _url(ly, ly.section_png(channel, True, key)),
+                         "aligned": _url(ly, ly.aligned_png(channel, key)), "pair": by_moving.get(s["position"])})
         return rows
 
     def _histograms(self, data: dict) -> list[dict]:
@@ -438,7 +435,7 @@ class AnimalSite:
         for channel in data["channels"]:
             for downsample in (True, False):
                 combined = _url(ly, ly.histogram_png(channel, downsample))
-                sections = [{"name": s["name"], "png": _url(ly, ly.histogram_png(channel, downsample, s["position"]))}
+                sections = [{"name": s["name"], "png": _url(ly, ly.histogram_png(channel, downsample, s["name"]))}
                             for s in data["stack"]]
                 if combined or any(s["png"] for s in sections):
                     out.append({"channel": channel, "resolution": "thumbnail" if downsample else "full",
