@@ -629,7 +629,7 @@ def test_stage_publishes_validates_records_and_skips(tmp_path, db_url):
 
 
 @pytest.mark.slow
-def test_stage_full_resolution_ngff_04_with_histogram_window(tmp_path, sqlite_url):
+def test_stage_full_resolution_ngff_04_window_from_the_published_data(tmp_path, sqlite_url):
     from pipeline.imaging.contrast import window_from_histogram
     from pipeline.layout import AnimalLayout
 
@@ -638,7 +638,7 @@ def test_stage_full_resolution_ngff_04_with_histogram_window(tmp_path, sqlite_ur
     stack = synthetic_stack((4, 70, 50), seed=5)
     place_aligned_stack(layout, stack, channel=2, downsample=False, db_url=sqlite_url)
     counts = np.bincount(stack.ravel(), minlength=65536)
-    counts[:3000] = 0  # a histogram that differs from the data's own, to see which one is used
+    counts[:3000] = 0  # a histogram stage file that differs from the data: it must not be used (13.3)
     hist = layout.histogram_data(2, downsample=False)
     hist.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(hist, counts=counts)
@@ -651,21 +651,21 @@ def test_stage_full_resolution_ngff_04_with_histogram_window(tmp_path, sqlite_ur
     assert attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"] == [20.0, 0.325, 0.325]
     channel = attrs["omero"]["channels"][0]
     assert channel["label"] == "C2"
-    expected = window_from_histogram(counts, np.arange(counts.size + 1))
+    own = np.bincount(stack.ravel(), minlength=65536)
+    expected = window_from_histogram(own, np.arange(own.size + 1))  # the published voxels' own window
     assert (channel["window"]["start"], channel["window"]["end"]) == expected
     data = levels(store)
     assert np.array_equal(data[0], stack)
     assert np.array_equal(data[1], pyramid.downsample(data[0], (1, 2, 2), "gaussian"))
-    # A new histogram only changes the window: the store's voxels are not rewritten.
+    # A new histogram stage file changes nothing: the store is current, its window stays.
     mtimes = {p: p.stat().st_mtime_ns for p in chunk_files(store / "0")}
     counts[:5000] = 0
     np.savez_compressed(hist, counts=counts)
     assert stage_cli(tmp_path, sqlite_url, "--channel", "2", "--downsample", "false", "--ngff-version", "0.4",
                      "--nlevels", "2", "--algorithm", "gaussian") == 0
     window = read_attributes(store)["omero"]["channels"][0]["window"]
-    assert (window["start"], window["end"]) == window_from_histogram(counts, np.arange(counts.size + 1))
+    assert (window["start"], window["end"]) == expected
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
-
 
 @pytest.mark.slow
 def test_stage_reports_missing_aligned_sections(tmp_path, sqlite_url, capsys):

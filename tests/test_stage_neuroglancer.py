@@ -219,3 +219,81 @@ def test_before_extract_says_run_extract_first(tmp_path, sqlite_url, capsys):
 def test_chunk_size_flag_is_checked(tmp_path, sqlite_url, bad):
     with pytest.raises(SystemExit):
         cli(tmp_path, sqlite_url, "--chunk-size", bad)
+
+
+# --------------------------------------------------------------------------------------------
+# the sample brain through the whole chain with `clean --normalise`, both publishing stages
+@pytest.fixture(scope="module")
+def normalised_sample(tmp_path_factory):
+    """The tiny sample brain: extract, mask, clean --normalise, histogram, align, create_metrics,
+    neuroglancer, omezarr (thumbnails), then the viewer links, as a user would."""
+    from pipeline.sample import build_sample
+    from web.state import write_links
+
+    root = tmp_path_factory.mktemp("normalised") / "data"
+    db_url = f"sqlite:///{root / 'slidepipe.db'}"
+    build_sample(root, animal="DEMO", seed=0, size="tiny")
+    for task, *extra in (("extract",), ("mask",), ("clean", "--normalise", "true"), ("histogram",), ("align",),
+                         ("create_metrics",), ("neuroglancer",), ("omezarr",)):
+        assert main(["--animal", "DEMO", "--task", task, "--data-root", str(root), "--db-url", db_url,
+                     "--workers", "2", *extra]) == 0, task
+    write_links(root, "DEMO", "http://127.0.0.1:8080")
+    return root
+
+
+@pytest.mark.slow
+def test_published_windows_contain_the_published_tissue_percentiles(normalised_sample):
+    """Issue 13.3: the windows came from the histogram stage's counts of the extracted sections,
+    but `clean --normalise` stretches channel 1 to 0..65535, so nearly all published tissue was
+    at or above the window's end. The windows of both published volumes must describe what is
+    published: here checked with np.percentile of the aligned sections' tissue voxels."""
+    from pipeline.publish.omezarr import read_attributes
+    from web.state import build_state
+
+    root = normalised_sample
+    layout = AnimalLayout(root, "DEMO")
+    aligned = np.stack([tifffile.imread(p) for p in sorted(layout.aligned_dir(1, True).glob("*.tif"))])
+    tissue = aligned[aligned > 0].astype(np.float64)  # clean zeroes the background outside the mask
+    low, high = np.percentile(tissue, [0.5, 99.5])
+    assert high - low > 20000, "the sample is normalised: its tissue spans most of 0..65535"
+    precomputed = build_state(root, "DEMO", "http://127.0.0.1:8080", downsample=True, layer_source="precomputed")
+    attrs = read_attributes(layout.omezarr(1, True))
+    omero = attrs.get("ome", attrs)["omero"]["channels"][0]["window"]
+    omezarr = build_state(root, "DEMO", "http://127.0.0.1:8080", downsample=True, layer_source="omezarr")
+    for what, (lo, hi) in (("neuroglancer", precomputed["layers"][0]["shaderControls"]["normalized"]["range"]),
+                           ("omero", (omero["start"], omero["end"])),
+                           ("omezarr state", omezarr["layers"][0]["shaderControls"]["normalized"]["range"])):
+        assert lo <= low and high <= hi, f"{what} window {lo, hi} misses the tissue's 0.5-99.5 % {low, high}"
+        assert (tissue >= hi).mean() < 0.01 and (tissue < lo).mean() < 0.01, what
+        # and it is the tissue's window, not just the whole dtype range
+        assert lo >= np.percentile(tissue, 0.1) - 1 and hi <= tissue.max() + 1, what
+
+
+@pytest.mark.slow
+def test_nothing_served_names_the_data_root_or_the_host(normalised_sample):
+    """Issue 13.7: no file under www/ (what the servers publish) holds the data root's absolute
+    path or this machine's name; the published provenance used to carry user@host and paths."""
+    import gzip
+    import re
+    import socket
+
+    root = normalised_sample
+    host = socket.gethostname()
+    word = re.compile(rf"(?<![A-Za-z0-9_.-]){re.escape(host)}(?![A-Za-z0-9_-])")
+    absolute = [str(root).encode(), str(root.resolve()).encode()]
+    served = [p for p in (root / "DEMO" / "www").rglob("*") if p.is_file()]
+    assert any(p.name == "provenance" for p in served) and any(p.name == "zarr.json" for p in served)
+    text_files = 0
+    for path in served:
+        data = path.read_bytes()
+        if path.suffix == ".gz":
+            data = gzip.decompress(data)
+        assert not any(a in data for a in absolute), path
+        try:
+            text = data.decode("utf-8")
+            json.loads(text)  # metadata, provenance, viewer state and links are JSON
+        except ValueError:
+            continue  # voxels and images: the path check above covers them
+        text_files += 1
+        assert not word.search(text), f"{path} names the host {host!r}"
+    assert text_files >= 5

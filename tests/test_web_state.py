@@ -72,21 +72,29 @@ def test_thumbnail_layers_and_channel_choice(root):
     assert [layer["name"] for layer in only_two["layers"]] == ["C2"]
 
 
-def test_window_from_stored_histogram_then_from_data(root):
+def test_window_published_with_the_layer_then_from_data(root):
+    """The window publish_layer records in the provenance wins; the histogram stage's counts (of
+    the sections before clean, e.g. before --normalise) are not used (issue 13.3)."""
     layout = AnimalLayout(root, "DK1")
     combined = layout.histogram_data(1, False, None)
     combined.parent.mkdir(parents=True, exist_ok=True)
     counts = np.zeros(256, np.int64)
     counts[[0, 50, 100, 150]] = [10_000, 100, 100, 100]
     np.savez(combined, counts=counts)
+    provenance = layout.precomputed_layer(1, False) / "provenance"
+    before = provenance.read_text()
+    prov = json.loads(before)
+    prov["processing"].append({"method": {"task": "slidepipe.precomputed", "window": [12.0, 230.0]}})
+    provenance.write_text(json.dumps(prov))
     try:
         state = build_state(root, "DK1", BASE, channels=[1])
-        assert state["layers"][0]["shaderControls"]["normalized"]["range"] == [50.0, 151.0]
+        assert state["layers"][0]["shaderControls"]["normalized"]["range"] == [12.0, 230.0]
     finally:
-        combined.unlink()
-    # no histogram: from the voxels of the smallest level (1st..99th percentile of non-zero values)
+        provenance.write_text(before)
+    # no recorded window: from the voxels of the smallest level, not from the stored histogram
     state = build_state(root, "DK1", BASE, channels=[1])
     lo, hi = state["layers"][0]["shaderControls"]["normalized"]["range"]
+    combined.unlink()
     assert 10 <= lo < 60 and 180 < hi <= 251
 
 

@@ -149,68 +149,25 @@ def animals_with_published_data(data_root: str | Path) -> list[str]:
 
 # --- contrast ---------------------------------------------------------------------------------------
 
-def histogram_window(histogram_dir: Path) -> tuple[float, float] | None:
-    """Window from the histogram stage's counts, if it left some we can read.
+def published_window(volume: Volume) -> tuple[float, float] | None:
+    """The display window recorded with the published volume: the precomputed layer's
+    provenance (publish_layer), or the OME-Zarr store's omero window of its first channel. Both
+    describe the published voxels (pipeline.publish.common.stack_windows), e.g. after `clean
+    --normalise` stretched them; the histogram stage's counts (of the sections before clean) do not."""
+    if volume.kind == "precomputed":
+        from pipeline.publish.common import read_window
 
-    Counts are one bin per intensity (np.bincount over the dtype's range), stored as `.npz`
-    (member `counts`), a 1-D `.npy` array or JSON with a `counts` list (each optionally with
-    numpy.histogram-style `bin_edges`). A file whose name says it is the channel's combined
-    histogram wins; otherwise the per-section histograms are summed.
-    """
-    directory = Path(histogram_dir)
-    if not directory.is_dir():
-        return None
-    histograms = [h for h in (_read_counts(p) for p in sorted(directory.iterdir()) if p.is_file()) if h is not None]
-    combined = [h for name, *h in histograms if re.search(r"combined|all|total|channel", name, re.I)]
-    if combined:
-        counts, edges = combined[0]
-    elif histograms:
-        _, counts, edges = histograms[0]
-        for _, more, more_edges in histograms[1:]:
-            if more_edges.shape == edges.shape and np.array_equal(more_edges, edges):
-                counts = counts + more
-    else:
-        return None
+        return read_window(volume.path)
     try:
-        return window_from_histogram(counts, edges)
-    except ValueError:
-        return None
-
-
-def _read_counts(path: Path) -> tuple[str, np.ndarray, np.ndarray] | None:
-    try:
-        if path.suffix == ".npy":
-            counts = np.load(path, allow_pickle=False)
-            edges = None
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as data:
-                key = "counts" if "counts" in data.files else data.files[0]
-                counts = data[key]
-                edges = data["bin_edges"] if "bin_edges" in data.files else None
-        elif path.suffix == ".json":
-            data = json.loads(path.read_text())
-            counts = np.asarray(data["counts"])
-            edges = data.get("bin_edges", data.get("edges"))
+        if volume.kind == "zarr3":
+            attrs = json.loads((volume.path / "zarr.json").read_text()).get("attributes", {})
+            attrs = attrs.get("ome", attrs)
         else:
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
+            attrs = json.loads((volume.path / ".zattrs").read_text())
+        window = attrs["omero"]["channels"][0]["window"]
+        return float(window["start"]), float(window["end"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
-    if counts.ndim != 1 or counts.size == 0 or not np.issubdtype(counts.dtype, np.number):
-        return None
-    counts = counts.astype(np.float64)
-    edges = np.arange(counts.size + 1, dtype=np.float64) if edges is None else np.asarray(edges, dtype=np.float64)
-    if edges.size != counts.size + 1:
-        return None
-    return path.stem, counts, edges
-
-
-def _stored_histogram_window(ly: AnimalLayout, channel: int, downsample: bool) -> tuple[float, float] | None:
-    """The histogram stage's combined counts (preps/CH<c>/<res>_histogram/), else www/histogram/CH<c>/."""
-    for resolution in (downsample, not downsample):
-        window = histogram_window(ly.histogram_data(channel, resolution, None).parent)
-        if window is not None:
-            return window
-    return histogram_window(ly.histogram_dir(channel))
 
 
 def data_window(volume: Volume) -> tuple[float, float]:
@@ -271,8 +228,8 @@ def build_state(data_root: str | Path, animal: str, base_url: str, *,
                 layout: str = "4panel", viewport: tuple[int, int] = (1200, 700)) -> dict[str, Any]:
     """The Neuroglancer state (JSON-ready dict) showing every channel of `animal`.
 
-    `windows` maps channel -> (lo, hi) display window; otherwise the histogram stage's data is
-    used, else the smallest pyramid level's voxels. `downsample`: True shows the thumbnail layers
+    `windows` maps channel -> (lo, hi) display window; otherwise the window published with the
+    volume (`published_window`), else one from the smallest pyramid level's voxels. `downsample`: True shows the thumbnail layers
     (C<c>T), False the full-resolution ones, None the full ones when published. `layer_source`:
     "precomputed", "omezarr" (the www/omezarr/C<c>.ome.zarr stores), {channel: store path}, or
     "auto": precomputed when published, else OME-Zarr.
@@ -289,8 +246,7 @@ def build_state(data_root: str | Path, animal: str, base_url: str, *,
     several = len(volumes) > 1
     layers = []
     for index, volume in enumerate(volumes):
-        window = windows.get(volume.channel) or _stored_histogram_window(ly, volume.channel, downsample) \
-            or data_window(volume)
+        window = windows.get(volume.channel) or published_window(volume) or data_window(volume)
         lo, hi = float(window[0]), float(window[1])
         colour = CHANNEL_COLOURS[index % len(CHANNEL_COLOURS)] if several and volume.num_channels != 3 else None
         layers.append({

@@ -34,6 +34,17 @@ def window_from_histogram(counts: np.ndarray, edges: np.ndarray, low: float = 0.
     return lo, hi
 
 
+def display_window(counts: np.ndarray) -> tuple[float, float]:
+    """The display window of integer data from the count of each value (index = intensity): the
+    0.5 % to 99.5 % quantiles of the non-zero values; data that is all zero gets the full range.
+    The rule every published volume's window follows (pipeline.publish.common.stack_windows)."""
+    counts = np.asarray(counts).ravel()
+    try:
+        return window_from_histogram(counts, np.arange(counts.size + 1, dtype=np.float64))
+    except ValueError:
+        return 0.0, float(counts.size - 1)
+
+
 def histogram_of(values: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Histogram of `values` with one bin per integer value for 8/16-bit data (256 bins else)."""
     values = np.asarray(values)

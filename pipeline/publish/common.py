@@ -1,6 +1,11 @@
 """What the precomputed writer (precomputed.py) and its verifier (validate.py) both need, below
 both of them: reading an aligned section TIFF a band of rows at a time, and the pyramid rounds
 recorded in a layer's provenance file. validate.py imports this, never precomputed.py.
+
+Also the one rule for display windows of published data (`stack_windows`), which both
+publishing stages (neuroglancer via precomputed.publish_layer, omezarr) apply to the aligned
+sections they publish: a window must describe the voxels served, e.g. after `clean --normalise`
+stretched them, not the extracted sections the histogram stage counts.
 """
 
 from __future__ import annotations
@@ -8,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -16,6 +21,9 @@ from pipeline.errors import SlidepipeError
 
 PROVENANCE_STEP = "slidepipe.precomputed"
 """The `method.task` of slidepipe's own entry in a layer's provenance `processing` list."""
+
+ROW_BAND_BYTES = 64 * 1024**2
+"""Sections are read and written in bands of rows of about this size, never whole."""
 
 
 class PrecomputedError(SlidepipeError):
@@ -55,8 +63,45 @@ class SectionRows:
         return data[:, :, None] if data.ndim == 2 else data
 
 
-def read_rounds(layer_dir: str | Path) -> list[dict] | None:
-    """The pyramid rounds recorded by `publish_layer` in the provenance file, if any."""
+def section_counts(path: str | Path, band_bytes: int = ROW_BAND_BYTES) -> np.ndarray:
+    """How often each value occurs in each sample (grey: 1, RGB: 3) of a uint8/uint16 section:
+    (samples, 256 or 65536) int64, read a band of rows at a time."""
+    from pipeline.imaging.histogram import histogram_length, masked_histogram
+
+    with open_section(path) as section:
+        if section.dtype.name not in ("uint8", "uint16"):
+            raise PrecomputedError(f"data type {section.dtype.name}: windows are made of uint8 or uint16 data", path)
+        counts = np.zeros((section.channels, histogram_length(section.dtype)), np.int64)
+        band = max(1, band_bytes // (section.width * section.channels * section.dtype.itemsize))
+        for y0 in range(0, section.height, band):
+            rows = section.rows(y0, min(y0 + band, section.height))
+            for sample in range(section.channels):
+                counts[sample] += masked_histogram(rows[:, :, sample])
+    return counts
+
+
+def stack_windows(sections: Sequence[str | Path], per_sample: bool = False) -> list[tuple[float, float]]:
+    """Display windows of the published data: `pipeline.imaging.contrast.display_window` of the
+    counts of every voxel of the aligned `sections` (masked background, 0, left out). One window
+    for all samples (an RGB layer's single shader range), or one per sample (`per_sample`: the
+    OME-Zarr omero channels)."""
+    from pipeline.imaging.contrast import display_window
+
+    total = None
+    for path in sections:
+        counts = section_counts(path)
+        if total is not None and counts.shape != total.shape:
+            raise PrecomputedError(f"section has {counts.shape[0]} samples of {counts.shape[1]} values, the stack "
+                                   f"{total.shape[0]} of {total.shape[1]}", path)
+        total = counts if total is None else total + counts
+    if total is None:
+        raise PrecomputedError("the section stack is empty")
+    rows = total if per_sample else total.sum(axis=0, keepdims=True)
+    return [display_window(row) for row in rows]
+
+
+def _our_entry(layer_dir: str | Path, key: str):
+    """`key` of slidepipe's newest entry in the layer's provenance file, or None."""
     path = Path(layer_dir) / "provenance"
     try:
         prov = json.loads(path.read_text())
@@ -64,6 +109,21 @@ def read_rounds(layer_dir: str | Path) -> list[dict] | None:
         return None
     for entry in reversed(prov.get("processing", [])):
         method = entry.get("method", {}) if isinstance(entry, dict) else {}
-        if method.get("task") == PROVENANCE_STEP and "rounds" in method:
-            return method["rounds"]
+        if method.get("task") == PROVENANCE_STEP and key in method:
+            return method[key]
     return None
+
+
+def read_rounds(layer_dir: str | Path) -> list[dict] | None:
+    """The pyramid rounds recorded by `publish_layer` in the provenance file, if any."""
+    return _our_entry(layer_dir, "rounds")
+
+
+def read_window(layer_dir: str | Path) -> tuple[float, float] | None:
+    """The display window `publish_layer` recorded in the provenance file, if any."""
+    window = _our_entry(layer_dir, "window")
+    try:
+        lo, hi = (float(v) for v in window)
+    except (TypeError, ValueError):
+        return None
+    return lo, hi

@@ -32,7 +32,9 @@ import numpy as np
 
 from pipeline.atomic import atomic_path
 from pipeline.imaging.pyramid import PyramidPlan, plan_pyramid
-from pipeline.publish.common import PROVENANCE_STEP, PrecomputedError, SectionRows, open_section
+from pipeline.publish.common import (
+    PROVENANCE_STEP, ROW_BAND_BYTES, PrecomputedError, SectionRows, open_section, stack_windows,
+)
 from pipeline.publish.validate import verify_layer
 
 RECHUNKME_CHUNK = (64, 64, 1)
@@ -45,9 +47,6 @@ voxels. Measured and argued in docs/format-precomputed.md."""
 
 DEFAULT_MEMORY_TARGET = 512 * 1024**2
 """Bytes of image one igneous task may hold (scoping: shape 2048x2048x64 uint16 peaked at 0.6 GB)."""
-
-ROW_BAND_BYTES = 64 * 1024**2
-"""Step 1 reads and writes a section in bands of rows of about this size, never whole."""
 
 SUPPORTED_DTYPES = ("uint8", "uint16")
 
@@ -443,18 +442,24 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
     """Step 2 + verification + provenance, then the atomic rename and the step-1 cleanup.
 
     The final layer is built under a temporary name next to `dest_dir`, so an interrupted or
-    unverified build never looks published. Paths in its served `provenance` are relative to
-    `root` (the data root; default: the deepest folder holding the layer and the sections).
-    Returns the result recorded in file_log.
+    unverified build never looks published. Its `provenance` records the display window of the
+    published voxels (`stack_windows` of the sections); paths in it are relative to `root` (the
+    data root; default: the deepest folder holding the layer and the sections). Returns the
+    result recorded in file_log.
     """
     dest_dir = Path(dest_dir)
     stack = inspect_stack(sections)
+    started = time.perf_counter()
+    window = stack_windows(sections)[0]
+    window_seconds = round(time.perf_counter() - started, 3)
     with atomic_path(dest_dir) as tmp:
         built = transfer_and_downsample(src_dir, tmp, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
                                         queue_url=queue_url, memory_target=memory_target)
         # The stack's own extent: the layer can be larger by the pyramid's zero padding.
+        built["seconds"]["window"] = window_seconds
+        # `window`: the display window of the published voxels (web.state reads it from here)
         step = {"params": dict(params or {}), "stack": dataclasses.asdict(stack),
-                "sections": [str(s) for s in sections], **built}
+                "sections": [str(s) for s in sections], "window": list(window), **built}
         write_provenance(tmp, description or f"Neuroglancer precomputed layer {dest_dir.name}", step,
                          sources=[str(s) for s in sections])
         started = time.perf_counter()
@@ -468,7 +473,7 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
         built["seconds"]["delete_rechunkme"] = round(time.perf_counter() - started, 3)
         removed = True
     return {"mips": report["mips"], "verified": report["checked"], "plan": built["plan"], "rounds": built["rounds"],
-            "seconds": built["seconds"], "rechunkme_deleted": removed}
+            "window": list(window), "seconds": built["seconds"], "rechunkme_deleted": removed}
 
 
 def _common_root(layer_dir: Path, sections: Sequence[str | Path]) -> Path:

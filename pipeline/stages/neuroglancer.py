@@ -20,7 +20,7 @@ from pipeline.layout import THUMBNAIL_FACTOR
 from pipeline.runner import StageContext, Task
 
 NAME = "neuroglancer"
-VERSION = 1
+VERSION = 2  # 2: provenance with the published data's display window, relative paths, no user@host
 PER_CHANNEL = True
 REFRESH_PAGES = True  # create_pipeline runs the web stage after this one: the pages link the new layer
 

@@ -3,7 +3,8 @@
 One image per channel, like the precomputed layers C1, C2...: each channel's aligned stack is
 made (and re-made) by its own runs, so a store per channel is rewritten only when that channel
 changes; see docs/format-omezarr.md. Pixel sizes come from the scan run in the DB, the display
-window from the histogram stage's combined counts when present (else from the data). The store
+window from the published voxels themselves (published_windows, the rule the precomputed layer
+follows too; not the histogram stage, which counts the sections before clean). The store
 is one runner task: one file_log row with a per-level manifest as its result, the aligned
 sections as inputs. A killed run resumes inside the converter (completed slabs are kept).
 """
@@ -14,7 +15,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import StageError
 from pipeline.runner import StageContext, Task
 
 NAME = "omezarr"
@@ -53,7 +53,7 @@ def write_store(sections: list[str], store: str, options: dict[str, Any]) -> dic
     from pipeline.publish.omezarr import OmeZarrOptions, convert_stack, describe_store
 
     opts = OmeZarrOptions(**{k: tuple(v) if isinstance(v, list) and k != "windows" else v
-                             for k, v in options.items()})
+                             for k, v in published_windows(sections, options).items()})
     result = convert_stack([Path(p) for p in sections], Path(store), opts)
     manifest = describe_store(Path(store))
     return {**manifest, "status": result.status, "slabs_written": result.slabs_written,
@@ -61,21 +61,15 @@ def write_store(sections: list[str], store: str, options: dict[str, Any]) -> dic
             "windows": result.windows}
 
 
-def stored_window(ctx: StageContext) -> tuple[Path, tuple[float, float]] | None:
-    """(file, window) from the histogram stage's combined counts for this channel and resolution."""
-    import numpy as np
+def published_windows(sections: list[str], options: dict[str, Any]) -> dict[str, Any]:
+    """`options` with the display window of every channel of the published data (the aligned
+    sections: the rule of pipeline.publish.common.stack_windows, which the neuroglancer stage's
+    layer follows too), unless windows were given. Runs in the worker: it reads every section."""
+    from pipeline.publish.common import stack_windows
 
-    from pipeline.imaging.contrast import window_from_histogram
-
-    path = ctx.layout.histogram_data(ctx.channel, ctx.downsample)
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path) as data:
-            counts = data["counts"]
-        return path, window_from_histogram(counts, np.arange(counts.size + 1))
-    except (OSError, KeyError, ValueError) as exc:
-        raise StageError(f"{path}: cannot read the combined histogram: {exc}") from exc
+    if options.get("windows"):
+        return options
+    return {**options, "windows": [list(w) for w in stack_windows(sections, per_sample=True)]}
 
 
 def run(ctx: StageContext) -> None:
@@ -84,11 +78,9 @@ def run(ctx: StageContext) -> None:
 
     sections, xy, z_um = aligned_stack(ctx)
     store = ctx.layout.omezarr(ctx.channel, ctx.downsample)
-    # An RGB (brightfield) stack is one 3-channel image: its histogram mixes the three samples,
-    # so the converter takes a window per channel from the published voxels instead, and labels
-    # the channels red, green, blue.
+    # An RGB (brightfield) stack is one 3-channel image (channels red, green, blue), each with a
+    # window of its own published voxels (published_windows, per sample).
     rgb = probe_stack(sections[:1]).samples == 3
-    histogram = None if rgb else stored_window(ctx)
     options: dict[str, Any] = {
         "ngff_version": ctx.params.get("ngff_version") or "0.5",
         "chunk": zyx(ctx.params.get("chunk_size")) or STACK_CHUNK,
@@ -96,7 +88,7 @@ def run(ctx: StageContext) -> None:
         "nlevels": ctx.params.get("nlevels"),
         "algorithm": ctx.params.get("algorithm") or "mean",
         "voxel_um": [float(z_um), float(xy), float(xy)],
-        "windows": [list(histogram[1])] if histogram else None,
+        "windows": None,  # from the sections, in the worker (published_windows): inputs decide it
         "channel_names": None if rgb else [f"C{ctx.channel}"],
         "name": f"{ctx.animal} C{ctx.channel}{'T' if ctx.downsample else ''}",
         "threads": ctx.settings.workers,
@@ -104,8 +96,7 @@ def run(ctx: StageContext) -> None:
     # Everything that changes the store's bytes (the memory cap and threads do not).
     params = {k: v for k, v in options.items() if k != "threads"}
     options.update(overwrite=True, max_gb=ctx.params.get("max_gb"))
-    inputs = sections + ([histogram[0]] if histogram else [])
-    task = Task(key=store.name, func=write_store, inputs=inputs, outputs=[store], params=params, label=str(store),
+    task = Task(key=store.name, func=write_store, inputs=sections, outputs=[store], params=params, label=str(store),
                 kwargs={"sections": [str(p) for p in sections], "store": str(store), "options": options})
     results = ctx.execute([task], desc=f"{store.name}: {len(sections)} sections -> OME-Zarr {options['ngff_version']}")
     if store.name in results:
