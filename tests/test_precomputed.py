@@ -408,13 +408,16 @@ def test_fq_queue_is_processed_by_a_separate_worker_process(tmp_path):
     queue_url = "fq://" + str(tmp_path / "queue")
     tasks = list(tc.create_transfer_tasks(pc.file_url(src), pc.file_url(dest), chunk_size=[16, 16, 1],
                                           shape=[32, 32, 1], compress="gzip", skip_downsamples=True))
-    assert TaskQueue(queue_url, progress=False).insert(tasks) == len(tasks) == 8
+    # as the stage does: into a build's own sub-queue; the worker is given the shared queue's URL
+    build_url, _ = pc.build_queue(queue_url, "dest")
+    assert TaskQueue(build_url, progress=False).insert(tasks[:5]) == 5
+    assert TaskQueue(queue_url, progress=False).insert(tasks[5:]) == len(tasks) - 5 == 3
     code = ("import sys; from pipeline.publish.precomputed import run_worker; "
             "print(run_worker(sys.argv[1], lease_seconds=60, stop_when_empty=True))")
     done = subprocess.run([sys.executable, "-c", code, queue_url], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip().splitlines()[-1] == "8", "the worker process ran every task"
-    assert TaskQueue(queue_url, progress=False).is_empty()
+    assert done.stdout.strip().splitlines()[-1] == "8", "the worker process ran every task, builds' included"
+    assert TaskQueue(queue_url, progress=False).is_empty() and TaskQueue(build_url, progress=False).is_empty()
     assert np.array_equal(read_mip(dest, 0)[:64, :64], stack_xyzc(sections))
 
 
@@ -440,6 +443,55 @@ def test_a_missing_step1_chunk_fails_the_transfer_loudly(tmp_path, queue):
     assert not dest.exists() and (src / "info").is_file()
     if queue:
         assert TaskQueue(queue_url, progress=False).is_empty(), "the abandoned build's tasks are purged"
+        assert not any((tmp_path / "queue" / pc.BUILDS_DIR).iterdir()), "and its sub-queue removed"
+
+
+_BUILD = '''
+import json, sys
+from pathlib import Path
+from pipeline.publish import precomputed as pc
+src, dest, queue, sections = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+try:
+    pc.publish_layer(src, dest, sections, chunk_size=(16, 16, 1), queue_url=queue, sample=None, keep_rechunkme=True)
+    print(json.dumps({"ok": True}))
+except pc.PrecomputedError as exc:
+    print(json.dumps({"ok": False, "error": str(exc)}))
+'''
+
+
+def test_two_builds_on_one_fq_queue_one_fails_the_other_completes_untouched(tmp_path):
+    """Issue 13.6: a failed build used to purge the whole shared queue (and a build ran, and
+    waited for, the other's tasks). Each build now has its own sub-queue: build B, whose step-1
+    layer has a corrupt chunk, fails; build A, running at the same time on the same queue,
+    completes, verifies exactly, and no task of either is left."""
+    queue_url = "fq://" + str(tmp_path / "queue")
+    builds = {}
+    for name, depth in (("A", 6), ("B", 2)):
+        sections = write_stack(tmp_path / name / "aligned", depth, 128, 128, seed=depth)
+        src, dest = tmp_path / name / "C1T_rechunkme", tmp_path / name / "C1T"
+        make_step1(src, sections, (1000, 1000, 4000), (16, 16, 1))
+        builds[name] = (src, dest, sections)
+    corrupt = next((builds["B"][0] / "1000_1000_4000").glob("0-64_0-64_1-2*"))
+    corrupt.write_bytes(b"not a chunk")  # a real failure of B's igneous task, not a stub
+    started = {name: subprocess.Popen([sys.executable, "-c", _BUILD, str(src), str(dest), queue_url, *map(str, sections)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=Path(__file__).resolve().parent.parent)
+               for name, (src, dest, sections) in builds.items()}
+    outcome = {}
+    for name, process in started.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err
+        outcome[name] = json.loads(out.strip().splitlines()[-1])
+    assert not outcome["B"]["ok"] and "igneous task" in outcome["B"]["error"]
+    assert outcome["A"]["ok"], outcome["A"]
+    src, dest, sections = builds["A"]
+    verify_layer(dest, sections, sample=None)
+    assert np.array_equal(read_mip(dest, 0)[:128, :128, :6], stack_xyzc(sections))
+    assert not builds["B"][1].exists()
+    from taskqueue import TaskQueue
+
+    assert TaskQueue(queue_url, progress=False).is_empty()
+    assert not any((tmp_path / "queue" / pc.BUILDS_DIR).iterdir()), "both builds removed their sub-queues"
 
 
 # --------------------------------------------------------------------------------------------

@@ -223,26 +223,49 @@ def _keep_start_method() -> Iterator[None]:
         multiprocessing.set_start_method(previous, force=True)
 
 
+BUILDS_DIR = "builds"
+"""Under an fq:// queue directory: one sub-queue per layer build, named `<layer>-<random>`."""
+
+
+def build_queue(queue_url: str, layer_name: str) -> tuple[str, str]:
+    """(URL, name) of a new sub-queue of its own for one build on the shared `queue_url`.
+
+    A lab-wide fq:// queue is shared by every run; each build inserts, waits for and (on failure)
+    purges only its own sub-queue, so one run never runs, waits for or deletes another's tasks.
+    `create_pipeline worker --queue URL` finds the sub-queues under URL (`run_worker`). Other
+    queue kinds (sqs://) are used as they are, shared, and never purged.
+    """
+    import uuid
+
+    if not queue_url.startswith("fq://"):
+        return queue_url, ""
+    name = f"{BUILDS_DIR}/{layer_name}-{uuid.uuid4().hex[:12]}"
+    return f"{queue_url.rstrip('/')}/{name}", name
+
+
+def remove_build_queue(queue_url: str, name: str) -> None:
+    """Delete a build's sub-queue (its tasks, leased ones included, and its directory)."""
+    if name:
+        from taskqueue import TaskQueue
+
+        TaskQueue(queue_url, progress=False).purge()
+        shutil.rmtree(queue_url[len("fq://"):], ignore_errors=True)
+
+
 def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, lease_seconds: int = 600) -> int:
     """Execute igneous tasks and return when all are done.
 
-    Without a queue: python-task-queue's LocalTaskQueue with `workers` processes. With an
-    `fq://` (or `sqs://`) queue: insert them there and work on the queue here too until it is
-    empty, so other machines running `create_pipeline worker --queue URL` share the work and a
-    worker that dies only delays its task until its lease expires.
+    Without a queue: python-task-queue's LocalTaskQueue with `workers` processes. With a queue
+    (a build's own sub-queue, `build_queue`): insert them there and work on that queue here too
+    until it is empty, so workers on other machines share the work and a worker that dies only
+    delays its task until its lease expires.
     """
     if queue_url:
         from taskqueue import TaskQueue
 
         queue = TaskQueue(queue_url, progress=False)
         count = queue.insert(tasks)
-        try:
-            run_worker(queue_url, lease_seconds=lease_seconds, stop_when_empty=True)
-        except PrecomputedError:
-            # The build is abandoned (its temporary layer is removed): its remaining tasks must
-            # not be run later by a worker into a directory that no longer means anything.
-            queue.purge()
-            raise
+        run_worker(queue_url, lease_seconds=lease_seconds, stop_when_empty=True, sub_queues=False)
         return count
     from taskqueue import LocalTaskQueue
 
@@ -256,15 +279,65 @@ def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, l
     return count
 
 
-def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool = False) -> int:
+def _build_queues(queue_url: str) -> list[str]:
+    """The sub-queues of the builds under an fq:// queue, oldest first."""
+    if not queue_url.startswith("fq://"):
+        return []
+    builds = Path(queue_url[len("fq://"):]) / BUILDS_DIR
+    try:
+        found = sorted((e for e in os.scandir(builds) if e.is_dir()), key=lambda e: e.stat().st_mtime)
+    except FileNotFoundError:
+        return []
+    return [f"{queue_url.rstrip('/')}/{BUILDS_DIR}/{e.name}" for e in found]
+
+
+def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool = False,
+               sub_queues: bool = True) -> int:
     """Process queued igneous tasks (the `create_pipeline worker` command); returns tasks run.
 
     With `stop_when_empty` it returns once no task is left, leased ones included (they are
-    re-leased here if their worker dies); otherwise it polls forever.
+    re-leased here if their worker dies); otherwise it polls forever. `sub_queues`: also work on
+    every build's own sub-queue under an fq:// `queue_url` (what the neuroglancer stage inserts
+    into, `build_queue`); a task that fails there is left to its build, which fails on it.
     """
     import igneous.tasks  # noqa: F401  registers igneous's task classes for deserialising
+
+    if sub_queues and queue_url.startswith("fq://"):
+        done = 0
+        while True:
+            urls = [queue_url, *_build_queues(queue_url)]
+            for url in urls:
+                try:
+                    done += _poll(url, lease_seconds, stop_when_empty=True)
+                except (PrecomputedError, OSError) as exc:
+                    log.warning("%s", exc)  # that build fails on its own; the others go on
+            if stop_when_empty and all(_is_empty(url) for url in [queue_url, *_build_queues(queue_url)]):
+                return done
+            time.sleep(1.0)
+    return _poll(queue_url, lease_seconds, stop_when_empty)
+
+
+def _gone(url: str) -> bool:
+    """A build's sub-queue its build already removed (opening it would create it again)."""
+    return url.startswith("fq://") and f"/{BUILDS_DIR}/" in url and not Path(url[len("fq://"):]).is_dir()
+
+
+def _is_empty(url: str) -> bool:
     from taskqueue import TaskQueue
 
+    if _gone(url):
+        return True
+    try:
+        return TaskQueue(url, progress=False).is_empty()
+    except OSError:
+        return True
+
+
+def _poll(queue_url: str, lease_seconds: int, stop_when_empty: bool) -> int:
+    from taskqueue import TaskQueue
+
+    if _gone(queue_url):
+        return 0
     queue = TaskQueue(queue_url, progress=False)
     stop = queue.is_empty if stop_when_empty else None
     if stop_when_empty and queue.is_empty():
@@ -302,10 +375,9 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
     `memory_target` bytes holds); each further round is one igneous downsampling job that starts
     from the highest level made so far and makes as many levels of one factor as its tasks hold.
     Returns the plan and the rounds (which level each level was computed from: the verifier
-    needs it, see `block_mean_floor`).
+    needs it, see `block_mean_floor`). With a queue, the build's tasks go to a sub-queue of its
+    own (`build_queue`, its name in the result's `queue`), removed when the build ends.
     """
-    import igneous.task_creation as tc
-
     src_dir, dest_dir = Path(src_dir), Path(dest_dir)
     src_info = read_info(src_dir)
     scale0 = src_info["scales"][0]
@@ -327,6 +399,19 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
     shape = [chunk[0] * 2**shape_exp, chunk[1] * 2**shape_exp, chunk[2]]
     src_url, dest_url = file_url(src_dir), file_url(dest_dir)
     started = time.perf_counter()
+    queue_url, queue_name = build_queue(queue_url, dest_dir.name) if queue_url else (None, "")
+    try:
+        return _transfer_and_downsample(src_url, dest_url, dest_dir, plan, runs, chunk, shape, in_transfer,
+                                        memory_target, workers, queue_url, queue_name, started)
+    finally:
+        # done or abandoned: its tasks must not be run later into a directory that means nothing
+        remove_build_queue(queue_url, queue_name)
+
+
+def _transfer_and_downsample(src_url, dest_url, dest_dir: Path, plan, runs, chunk, shape, in_transfer,
+                             memory_target, workers, queue_url, queue_name, started) -> dict:
+    import igneous.task_creation as tc
+
     with _prints_to_log():
         tasks = list(tc.create_transfer_tasks(
             src_url, dest_url, chunk_size=list(chunk), shape=shape, compress="gzip", encoding="raw",
@@ -355,7 +440,7 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
     return {
         "plan": {"size": list(plan.size), "factors": [list(f) for f in plan.factors],
                  "resolution": list(plan.resolution), "chunk_size": list(chunk)},
-        "rounds": rounds,
+        "rounds": rounds, "queue": queue_name or None,
         "seconds": {"transfer": round(transfer_seconds, 3), "total": round(time.perf_counter() - started, 3)},
     }
 
