@@ -7,28 +7,38 @@ upgraded in place. Connection problems become one `ConfigError` line with the pa
 from __future__ import annotations
 
 import fcntl
+import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, PendingRollbackError
 from sqlalchemy.orm import Session
 
 from pipeline.config import redact_url
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DatabaseError
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MYSQL_LOCK = "slidepipe_migrate"
 """Name of the MySQL advisory lock that serialises concurrent upgrades."""
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for a SQLite or MySQL/MariaDB URL; does not connect yet."""
+DATABASE_FAILURES = (DBAPIError, PendingRollbackError, sqlite3.Error)
+"""What a database that fails under a running command raises (disk full, locked, server gone)."""
+
+
+def make_engine(url: str, create_dir: bool = False) -> Engine:
+    """An engine for a SQLite or MySQL/MariaDB URL; does not connect yet.
+
+    The directory of a SQLite file must exist, unless `create_dir` (the CLI passes it only for
+    the default file under the data root): a mistyped URL must not create directories anywhere.
+    """
     parsed = _parse(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        _make_sqlite_dir(parsed, url)
+        _check_sqlite_dir(parsed, url, create_dir)
         engine = _create(parsed, url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_on_connect)
         return engine
@@ -37,16 +47,17 @@ def make_engine(url: str) -> Engine:
     raise _cannot_connect(url, f"unsupported database {backend!r}; use sqlite:///PATH or mysql+pymysql://USER:PW@HOST/DB")
 
 
-def init_db(url: str) -> Engine:
+def init_db(url: str, create_dir: bool = False) -> Engine:
     """Create the database if needed and upgrade it to the newest schema; returns the engine.
 
     Cheap when the schema is already current (one query), so it is safe at every command start.
     Concurrent callers are serialised (MySQL advisory lock / a lock file beside the SQLite file).
+    `create_dir`: see `make_engine`.
     """
     parsed = _parse(url)
     if parsed.get_backend_name() in ("mysql", "mariadb"):
         _create_mysql_database(parsed, url)
-    engine = make_engine(url)
+    engine = make_engine(url, create_dir=create_dir)
     try:
         with engine.connect() as conn:
             if _current_revision(conn) == _head_revision():
@@ -56,9 +67,27 @@ def init_db(url: str) -> Engine:
     except Exception as exc:
         engine.dispose()
         raise _cannot_connect(url, _reason(exc, parsed)) from None
-    with _migration_lock(engine, parsed):
-        _upgrade(engine)
+    try:
+        with _migration_lock(engine, parsed):
+            _upgrade(engine)
+    except (*DATABASE_FAILURES, OSError) as exc:  # e.g. a full disk while creating the tables
+        engine.dispose()
+        raise database_error(url, exc) from None
     return engine
+
+
+def database_error(url: str, exc: BaseException) -> DatabaseError:
+    """The one line for a database that failed while a command used it."""
+    return DatabaseError(f"database {redact_url(url)}: {_reason(exc, _parse(url))}")
+
+
+@contextmanager
+def database_errors(url: str) -> Iterator[None]:
+    """Turn a failure of the database inside the block into `database_error`'s one line."""
+    try:
+        yield
+    except DATABASE_FAILURES as exc:
+        raise database_error(url, exc) from None
 
 
 @contextmanager
@@ -115,11 +144,15 @@ def _mysql_url(parsed: URL) -> URL:
     return parsed
 
 
-def _make_sqlite_dir(parsed: URL, url: str) -> None:
+def _check_sqlite_dir(parsed: URL, url: str, create: bool) -> None:
     database = parsed.database
     if not database or database == ":memory:" or database.startswith("file:"):
         return
     parent = Path(database).expanduser().absolute().parent
+    if parent.is_dir():
+        return
+    if not create:
+        raise _cannot_connect(url, f"directory {parent} does not exist (create it, or fix the URL)")
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -7,9 +7,11 @@ the console script, as `python -m pipeline`, or as this file directly.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import shlex
 import sys
 import traceback
@@ -19,7 +21,8 @@ if __package__ in (None, ""):  # run as a file: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import Settings  # noqa: E402
-from pipeline.errors import ConfigError, SlidepipeError  # noqa: E402
+from pipeline.errors import ConfigError, SlidepipeError, UsageError  # noqa: E402
+from pipeline.layout import check_animal_id  # noqa: E402
 
 STAGES = ["extract", "mask", "clean", "histogram", "align", "create_metrics", "neuroglancer", "omezarr", "web"]
 TASKS = STAGES + ["status", "all"]
@@ -107,27 +110,53 @@ def setup_logging(debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("alembic", "sqlalchemy", "urllib3", "PIL", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # tifffile logs what it meets in a damaged file at ERROR level, then our reader raises a
+    # SlidepipeError naming the file and page: without this each problem would print 2-3 times.
+    logging.getLogger("tifffile").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status 0 done, 1 a task or file failed, 2 usage error, 3 settings or database unusable;
+    every error is one line on stderr (tracebacks only with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        setup_logging("--debug" in argv)
-        return _subcommand(argv[0], argv[1:])
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            setup_logging("--debug" in argv)
+            return _subcommand(argv[0], argv[1:])
+        return _stages(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:  # also DatabaseError: the database failed under the command
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def open_database(settings: Settings):
+    """`init_db` of the settings' database. Only the default SQLite file may get its directory
+    (the data root) created: a mistyped --db-url must not create directories anywhere."""
+    from db.session import init_db
+
+    return init_db(settings.database_url, create_dir=not settings.db_url)
+
+
+def _stages(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(bool(args.debug))
+    check_animal_id(args.animal)
     if args.task is not None and args.task not in TASKS:
         print(f"error: unknown task {args.task!r}; tasks are: {', '.join(TASKS)}", file=sys.stderr)
         return EXIT_USAGE
-    try:
-        settings = settings_from(args)
-        from db.session import init_db
+    from db.session import database_errors
 
-        engine = init_db(settings.database_url)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+    settings = settings_from(args)
+    engine = open_database(settings)
+    with database_errors(settings.database_url):
+        return _run_task(engine, settings, args)
+
+
+def _run_task(engine, settings: Settings, args) -> int:
     _apply_scan_run_flags(engine, args)
     if args.task in (None, "status"):
         from pipeline.stages.status import print_status
@@ -201,18 +230,25 @@ def run_stage(module, engine, settings: Settings, args, channel: int) -> int:
         finish_run(engine, run_id, ctx.failures, extra)
         raise
     except Exception as exc:
+        from db.session import DATABASE_FAILURES, database_error
+
+        if isinstance(exc, DATABASE_FAILURES):
+            # The database itself failed (full, locked, gone): record the run as failed if it
+            # still takes a write (else the next run marks it); main prints the one line.
+            with contextlib.suppress(*DATABASE_FAILURES):
+                finish_run(engine, run_id, ctx.failures, str(database_error(settings.database_url, exc)))
+            raise
         extra = f"{type(exc).__name__}: {exc}"
         if settings.debug:
             traceback.print_exc()
     finish_run(engine, run_id, ctx.failures, extra)
     c = ctx.counts
+    # Each task failure was printed once, as it happened (TaskFailure.report); the summary counts them.
     summary = (f"{name} (channel {channel}, {resolution}): {c['tasks_run']} run, {c['tasks_skipped']} already done, "
                f"{c['tasks_failed']} failed [pipeline_run {run_id}]")
     print(summary, file=sys.stderr)
     if extra:
         print(f"error: {extra}", file=sys.stderr)
-    for failure in ctx.failures:
-        print(f"error: {failure.line()}", file=sys.stderr)
     return EXIT_TASK_FAILED if (extra or ctx.failures) else 0
 
 
@@ -231,6 +267,8 @@ def _subcommand(name: str, argv: list[str]) -> int:
             from pipeline.publish.omezarr import main as omezarr_main
 
             return omezarr_main(argv) or 0
+    except (UsageError, ConfigError):
+        raise  # main: exit status 2 / 3
     except SlidepipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_TASK_FAILED
@@ -244,6 +282,7 @@ def _sample(argv: list[str]) -> int:
     parser.add_argument("--large", action="store_true", help="a bigger brain (slower)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    check_animal_id(args.animal)
     settings = settings_from(args)
     from pipeline.sample import build_sample
 
@@ -262,16 +301,12 @@ def _how(argv: list[str]) -> int:
     import json
 
     from db.queries import how_was_made, lineage
-    from db.session import init_db, session_scope
+    from db.session import database_errors, session_scope
 
     settings = settings_from(args)
-    try:
-        engine = init_db(settings.database_url)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    with session_scope(engine) as session:
-        path = _data_relative(Path(args.path), settings.data_root)
+    path = _data_relative(Path(args.path), settings.data_root)
+    engine = open_database(settings)
+    with database_errors(settings.database_url), session_scope(engine) as session:
         answer = (lineage if args.lineage else how_was_made)(session, path, data_root=settings.data_root.absolute())
     print(json.dumps(answer, indent=2, default=str))
     return 0
@@ -279,14 +314,25 @@ def _how(argv: list[str]) -> int:
 
 def _data_relative(path: Path, data_root: Path) -> str:
     """A path as typed (absolute, relative to here, or relative to the data root; it need not
-    exist: a chunk is asked for by the name Neuroglancer uses, without .gz) -> file_log form."""
+    exist: a chunk is asked for by the name Neuroglancer uses, without .gz) -> file_log form.
+
+    A path under the data root must be in an animal's directory (a valid id first); an absolute
+    path elsewhere is allowed (extract records a TIFF folder outside the data root that way), a
+    relative one that climbs out (`../x`) is a usage error.
+    """
     root = data_root.absolute()
-    for candidate in (path.absolute(), root / path):
+    for candidate in (Path(os.path.normpath(path.absolute())), Path(os.path.normpath(root / path))):
         try:
-            return candidate.relative_to(root).as_posix()
+            relative = candidate.relative_to(root).as_posix()
         except ValueError:
             continue
-    return path.as_posix()
+        if relative == ".":
+            raise UsageError("this is the data root itself: give a file under it, e.g. DK39/preps/tif/...", path)
+        check_animal_id(relative.split("/", 1)[0])
+        return relative
+    if not path.is_absolute():
+        raise UsageError(f"outside the data root {root}: give a path under it, e.g. DK39/preps/tif/...", path)
+    return Path(os.path.normpath(path)).as_posix()
 
 
 def _serve(argv: list[str]) -> int:
@@ -313,6 +359,8 @@ def _serve(argv: list[str]) -> int:
                                                              "(exit status 0 if it runs and answers, else 1)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    if args.animal is not None:
+        check_animal_id(args.animal)
     settings = settings_from(args)
     from apache import background
 

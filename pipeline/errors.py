@@ -24,3 +24,13 @@ class ConfigError(SlidepipeError):
 
 class StageError(SlidepipeError):
     """A stage cannot run (missing inputs, failed tasks)."""
+
+
+class UsageError(SlidepipeError):
+    """The command line asks for something that cannot be (e.g. an animal id that is not a plain
+    directory name): the CLI prints the one line and exits with status 2, like argparse."""
+
+
+class DatabaseError(ConfigError):
+    """The database failed while a command used it (disk full, locked, server gone): one line
+    naming the database (password hidden) and the driver's reason; the CLI exits with status 3."""

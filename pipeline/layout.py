@@ -6,11 +6,29 @@ scripts and habits carry over. Stages ask this module for paths and never build 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import UsageError
+
 THUMBNAIL_FACTOR = 32
 """Extracted thumbnails are 1/32 of full resolution in x and y."""
+
+ANIMAL_ID_PATTERN = "[A-Za-z0-9][A-Za-z0-9_-]{0,19}"
+"""Every animal id (`--animal`): 1 to 20 ASCII letters, digits, '_' or '-', starting with a letter
+or digit. It names the animal's directory under the data root (so no '/', '..' or spaces) and
+fits `animal.prep_id` (20 characters)."""
+_ANIMAL_ID = re.compile(ANIMAL_ID_PATTERN)
+
+
+def check_animal_id(animal: object) -> str:
+    """`animal` itself when it is a valid id; else UsageError with the one line the CLI prints."""
+    if isinstance(animal, str) and _ANIMAL_ID.fullmatch(animal):
+        return animal
+    length = f" ({len(animal)} characters)" if isinstance(animal, str) and len(animal) > 20 else ""
+    raise UsageError(f"invalid animal id {animal!r}{length}: use 1 to 20 letters (A-Z, a-z), digits, '_' or '-', "
+                     "starting with a letter or digit")
 
 
 def resolution_name(downsample: bool) -> str:
@@ -54,6 +72,9 @@ class AnimalLayout:
     animal: str
 
     def __post_init__(self) -> None:
+        # Defence in depth: the CLI checks the id first, but no caller may build a path of an
+        # animal outside the data root (`../x`, `a/b`, an absolute path).
+        check_animal_id(self.animal)
         object.__setattr__(self, "data_root", Path(self.data_root).absolute())
 
     # --- roots -----------------------------------------------------------------------------

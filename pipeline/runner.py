@@ -82,6 +82,11 @@ class TaskFailure:
     def line(self) -> str:
         return f"{self.where}: {self.reason}"
 
+    def report(self) -> None:
+        """Print the failure as it happens, once (the CLI does not repeat it at the end), as an
+        `error:` line like every other error; tqdm.write keeps a progress bar intact."""
+        tqdm.write(f"error: {self.line()}", file=sys.stderr)
+
 
 def software_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "slidepipe": __version__}
@@ -328,7 +333,7 @@ class StageContext:
     def _record_failure(self, failure: TaskFailure) -> None:
         self.failures.append(failure)
         self.counts["tasks_failed"] += 1
-        log.error(failure.line())
+        failure.report()
 
     def _finish(self, task: Task, fp: str, input_ids: list[int], outcome, results: dict) -> None:
         if outcome[0] == "error":

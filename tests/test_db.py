@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import multiprocessing
 import socket
@@ -421,15 +422,22 @@ def test_runs_newest_first(engine):
         assert [r.id for r in queries.runs(session, animal="DK9", stage="extract")] == [ids["extract"]]
 
 
-def test_how_was_made_a_chunk_of_a_published_layer(engine):
+def test_how_was_made_a_chunk_of_a_published_layer(engine, tmp_path):
     with session_scope(engine) as session:
         ids = _provenance(session)
     chunk = "DK9/www/neuroglancer_data/C1/1000_1000_20000/0-64_0-64_0-1"
+    on_disk = tmp_path / (chunk + ".gz")
+    on_disk.parent.mkdir(parents=True)
+    on_disk.write_bytes(b"chunk bytes")
     with session_scope(engine) as session:
-        made = queries.how_was_made(session, chunk)
+        made = queries.how_was_made(session, chunk, data_root=tmp_path)
+        with pytest.raises(SlidepipeError, match="no such file"):
+            queries.how_was_made(session, chunk.replace("0-1", "1-2"), data_root=tmp_path)
     json.dumps(made)  # a CLI prints it as JSON
     assert made["path"] == chunk and made["recorded_path"] == "DK9/www/neuroglancer_data/C1"
-    assert made["id"] == ids["layer"]
+    assert made["file"] == chunk + ".gz" and made["size"] == len(b"chunk bytes")
+    assert made["checksum"] == hashlib.sha256(b"chunk bytes").hexdigest()
+    assert made["covered_by"]["id"] == ids["layer"]
     assert made["run"]["id"] == ids["publish"] and made["run"]["stage"] == "neuroglancer"
     assert made["run"]["params"] == {"chunk": [64, 64, 1]}
     assert made["run"]["software_versions"] == {"cloud-volume": "12.15"}
@@ -537,7 +545,7 @@ def test_sqlite_directory_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError) as caught:
-        init_db(f"sqlite:///{blocker}/sub/slidepipe.db")
+        init_db(f"sqlite:///{blocker}/sub/slidepipe.db", create_dir=True)
     message = _one_line_without_password(caught.value, "\0")
     assert f"cannot create directory {blocker}/sub" in message
 
