@@ -132,10 +132,11 @@ def how_was_made(session: Session, relpath: str, data_root: str | Path | None = 
     else:
         info = {**part.describe(asked), "recorded_path": row.path, "covered_by": _covering_record(row)}
     info["run"] = _run_info(row.run) if row.run is not None else None
+    stack = [] if part is None else _stack_of(session, row)
     info["inputs"] = [
         {"path": i.path, "checksum": i.checksum, "kind": i.kind, "stage": i.run.stage if i.run else None}
         for i in sorted(row.inputs, key=lambda r: r.path)
-        if part is None or part.uses(i.path)
+        if part is None or part.uses(i.path, stack)
     ]
     return info
 
@@ -152,7 +153,7 @@ def lineage(
     asked = normalise_path(relpath, data_root)
     start = recorded_file(session, asked)
     part = None if start.path == asked else part_of_directory(start, asked, data_root)
-    used = None if part is None else {i.id for i in start.inputs if part.uses(i.path)}
+    used = None if part is None else {i.id for i in start.inputs if part.uses(i.path, _stack_of(session, start))}
     seen: dict[int, dict[str, Any]] = {}
     level, level_number = [start], 0
     while level:
@@ -195,11 +196,27 @@ class DirectoryPart:
     def describe(self, asked: str) -> dict[str, Any]:
         return {"path": asked, "file": self.file, "size": self.size, "checksum": self.checksum, "chunk": self.chunk}
 
-    def uses(self, input_path: str) -> bool:
-        """Is this input one the part was made from? Inputs named by a section position (NNN.tif)
-        count only inside the chunk's z range; any other input counts for every part."""
+    def uses(self, input_path: str, stack: list[str]) -> bool:
+        """Is this input one the part was made from? `stack`: the section keys in stack order
+        (`section_keys`). An input named by a section key counts only when the section's position
+        is in the chunk's z range; any other input counts for every part."""
         stem = PurePosixPath(input_path).stem
-        return self.sections is None or not stem.isdigit() or int(stem) in self.sections
+        if self.sections is None or stem not in stack:
+            return True
+        return stack.index(stem) in self.sections
+
+
+def section_keys(session: Session, animal: str, channel: int = 1) -> list[str]:
+    """The animal's active section keys (`<slide>_S<scene>`) in stack order: position -> key."""
+    return [f"{PurePosixPath(s.slide.file_name).stem}_S{s.scene_index + 1}"
+            for s in ordered_sections(session, animal, channel)]
+
+
+def _stack_of(session: Session, row: FileLog) -> list[str]:
+    run = row.run
+    if run is None or not run.FK_prep_id:
+        return []
+    return section_keys(session, run.FK_prep_id, run.channel or 1)
 
 
 def part_of_directory(row: FileLog, relpath: str, data_root: str | Path | None) -> DirectoryPart:
