@@ -854,6 +854,9 @@ def test_data_verification_fails_on_deleted_or_modified_chunks(tmp_path, variant
                                               shard=(8, 32, 32) if sharded else None))
     checked = verify_data(store, sections=paths, sample=None)
     assert checked[0]["absent"] > 0 and checked[0]["decoded"] == checked[0]["present"]
+    assert checked[0]["present"] + checked[0]["absent"] == checked[0]["files"]
+    sampled = verify_data(store, sections=paths, sample=2)
+    assert [lv["decoded"] for lv in sampled.values()] == [min(2, lv["present"]) for lv in checked.values()]
     files = {level: chunk_files(store / level) for level in ("0", "1")}
     pristine = {p: p.read_bytes() for fs in files.values() for p in fs}
 

@@ -160,35 +160,56 @@ def verify_data(store: str | Path, sections: Sequence[str | Path] | None = None,
 
 def _verify_level(store: Path, path: str, array, expected, sample: int | None, rng: random.Random,
                   problems: list[str]) -> dict:
+    """One level, a layer of files at a time (one z index of the grid, per channel): the listing,
+    the missing boxes and the sample in hand stay the size of a layer, not of the store."""
     level_dir = store / path
-    grid, key = _file_grid(level_dir)
+    grid, key, layer_dir = _file_grid(level_dir)
     shape = tuple(int(n) for n in array.shape)
-    files = {}
-    for root, _dirs, names in os.walk(level_dir):
-        for name in names:
-            full = Path(root) / name
-            files[full.relative_to(level_dir).as_posix()] = full.stat().st_size
-    cells = list(itertools.product(*(range(-(-n // g)) for n, g in zip(shape, grid))))
-    present, missing = [], []
-    for cell in cells:
-        size = files.get(key(cell))
-        if size is None:
-            missing.append(cell)
-        elif size == 0:
-            problems.append(f"level {path}: {path}/{key(cell)} is empty (0 bytes)")
-        else:
-            present.append(cell)
+    counts = [-(-n // g) for n, g in zip(shape, grid)]
+    lead = len(shape) - 2  # the grid axes up to z: (c, z) or (z)
 
     def box(cell) -> Box:
         return tuple((i * g, min((i + 1) * g, n)) for i, g, n in zip(cell, grid, shape))
 
-    for cell, want in zip(missing, _in_rows(expected, [box(c) for c in missing])):
-        if isinstance(want, Exception):
-            problems.append(f"level {path}: cannot read what {path}/{key(cell)} is made from: {_first_line(want)}")
-        elif np.any(want):
-            problems.append(f"level {path}: {path}/{key(cell)} is missing, but what it must hold is not all zero")
-    count = len(present) if sample is None else min(sample, len(present))
-    picked = present if count >= len(present) else rng.sample(present[:-1], max(0, count - 1)) + present[-1:]
+    def listing(where: Path) -> dict[str, int]:
+        files = {}
+        for root, _dirs, names in os.walk(where):
+            for name in names:
+                full = Path(root) / name
+                files[full.relative_to(level_dir).as_posix()] = full.stat().st_size
+        return files
+
+    everything = None if layer_dir else listing(level_dir)  # flat key encodings: one listing
+    seen = {"files": 0, "present": 0, "absent": 0}
+    picked: list[tuple] = []
+    last = None
+    for layer in itertools.product(*(range(n) for n in counts[:lead])):
+        files = everything if everything is not None else listing(layer_dir(layer))
+        missing = []
+        for rest in itertools.product(*(range(n) for n in counts[lead:])):
+            cell = layer + rest
+            size = files.get(key(cell))
+            seen["files"] += 1
+            if size is None:
+                missing.append(cell)
+                continue
+            if size == 0:
+                problems.append(f"level {path}: {path}/{key(cell)} is empty (0 bytes)")
+                continue
+            if last is not None:  # reservoir sample of the others; the last file is always checked
+                if sample is None or len(picked) < sample - 1:
+                    picked.append(last)
+                elif sample > 1 and (j := rng.randrange(seen["present"])) < sample - 1:
+                    picked[j] = last
+            last = cell
+            seen["present"] += 1
+        seen["absent"] += len(missing)
+        for cell, want in zip(missing, _in_rows(expected, [box(c) for c in missing])):
+            if isinstance(want, Exception):
+                problems.append(f"level {path}: cannot read what {path}/{key(cell)} is made from: {_first_line(want)}")
+            elif np.any(want):
+                problems.append(f"level {path}: {path}/{key(cell)} is missing, but what it must hold is not all zero")
+    picked = sorted(picked) + ([last] if last is not None and sample != 0 else [])
     boxes = [box(c) for c in picked]
     for cell, b, want in zip(picked, boxes, _in_rows(expected, boxes)):
         if isinstance(want, Exception):
@@ -203,7 +224,7 @@ def _verify_level(store: Path, path: str, array, expected, sample: int | None, r
             bad = np.argwhere(got != want)
             problems.append(f"level {path}: {path}/{key(cell)}: {len(bad)} voxel values differ from what it was "
                             f"made from, first at {tuple(int(v) for v in bad[0])} of the file's box")
-    return {"files": len(cells), "present": len(present), "absent": len(missing), "decoded": len(picked)}
+    return {**seen, "decoded": len(picked)}
 
 
 def _in_rows(expected, boxes: list[Box]) -> list:
@@ -225,18 +246,27 @@ def _in_rows(expected, boxes: list[Box]) -> list:
 
 
 def _file_grid(level_dir: Path):
-    """(shape of one stored file, key of a file's grid position) from the array's metadata."""
+    """From the array's metadata: the shape of one stored file (the shard when sharded), the key
+    of a file's grid position, and the directory holding one layer (leading grid indices) of
+    files, or None when keys are flat names ("." separator)."""
     if (level_dir / "zarr.json").is_file():
         meta = json.loads((level_dir / "zarr.json").read_text())
-        grid = meta["chunk_grid"]["configuration"]["chunk_shape"]  # the shard when sharded
+        grid = meta["chunk_grid"]["configuration"]["chunk_shape"]
         encoding = meta.get("chunk_key_encoding") or {"name": "default"}
         name = encoding.get("name", "default")
         sep = (encoding.get("configuration") or {}).get("separator", "/" if name == "default" else ".")
-        prefix = "c" + sep if name == "default" else ""
+        prefix = ["c"] if name == "default" else []
     else:
         meta = json.loads((level_dir / ".zarray").read_text())
-        grid, sep, prefix = meta["chunks"], meta.get("dimension_separator") or ".", ""
-    return [int(g) for g in grid], lambda cell: prefix + sep.join(str(i) for i in cell)
+        grid, sep, prefix = meta["chunks"], meta.get("dimension_separator") or ".", []
+
+    def key(cell) -> str:
+        return sep.join(prefix + [str(i) for i in cell])
+
+    def layer_dir(layer) -> Path:
+        return level_dir.joinpath(*prefix, *(str(i) for i in layer))
+
+    return [int(g) for g in grid], key, (layer_dir if sep == "/" else None)
 
 
 def _factor(low: Sequence[float], high: Sequence[float]) -> tuple[int, int, int]:
