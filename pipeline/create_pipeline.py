@@ -279,14 +279,19 @@ def _sample(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="create_pipeline sample", description="Write the built-in sample brain as CZI slides.")
     parser.add_argument("--animal", default="DEMO")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--large", action="store_true", help="a bigger brain (slower)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--large", action="store_true", help="a bigger brain (slower)")
+    size.add_argument("--hard", action="store_true",
+                      help="the alignment test: rotations up to +-45 degrees, mirrored, torn and broken sections, "
+                           "24 sections (neighbours differ more)")
     add_common_arguments(parser)
     args = parser.parse_args(argv)
     check_animal_id(args.animal)
     settings = settings_from(args)
     from pipeline.sample import build_sample
 
-    truth = build_sample(settings.data_root, animal=args.animal, seed=args.seed, size="large" if args.large else "small")
+    truth = build_sample(settings.data_root, animal=args.animal, seed=args.seed,
+                         size="large" if args.large else "hard" if args.hard else "small")
     print(f"sample brain {args.animal}: {truth}")
     return 0
 

@@ -10,6 +10,11 @@ Pixel size: 3.25 um (small) / 1.625 um (large). A 10x objective with a 6.5 um ca
 binning gives 3.25 um; at that size the widest section (about 2300 px) is a mouse-brain-like 7.5
 mm, and the 1/32 thumbnails are 80 px wide. The 40 sections span the whole brain, as if every
 10th section of a series had been kept.
+
+`create_pipeline sample --hard` (size "hard") is the test of alignment: rotations up to +-45
+degrees, two sections mounted face down (`mirrored` in the truth), two torn and two with a
+piece missing (`cuts`: the footprint and phantom truth files include the damage), and 24
+sections over the same brain, so neighbours differ more.
 """
 
 from __future__ import annotations
@@ -48,6 +53,10 @@ class SampleSize:
     overlap: int
     max_shift_px: tuple[float, float]
     scenes_per_slide: tuple[int, ...]
+    max_rotation_deg: float = MAX_ROTATION_DEG
+    mirrored: int = 0  # sections mounted face down
+    torn: int = 0  # sections with a tear
+    missing: int = 0  # sections with a piece missing at the edge
 
 
 SIZES = {
@@ -55,6 +64,11 @@ SIZES = {
     "large": SampleSize((3328, 4800), (3840, 5120), 2400.0, 1.625, 2.0, 2048, 128, (160.0, 120.0), (9, 8, 8, 8, 7)),
     # for unit tests only: the same brain in 6 sections at ~1/3 of the small size
     "tiny": SampleSize((576, 832), (672, 896), 416.0, 9.375, 0.3467, 512, 32, (28.0, 21.0), (3, 3)),
+    # `sample --hard`: rotations up to +-45 degrees (larger scenes to hold them), 2 sections
+    # mounted mirrored, 2 torn, 2 with a piece missing, and 24 sections over the same brain, so
+    # the anatomy changes 1.7x more from one section to the next than in the small sample
+    "hard": SampleSize((1664, 2400), (2624, 2880), 1200.0, 3.25, 1.0, 1400, 64, (80.0, 60.0), (6, 6, 6, 6),
+                       max_rotation_deg=45.0, mirrored=2, torn=2, missing=2),
 }
 
 
@@ -72,6 +86,11 @@ class SectionTruth:
     phantom_to_scene: tuple[tuple[float, float, float], tuple[float, float, float]]
     tissue_area_px: int
     debris: tuple[dict, ...] = field(default=())
+    mirrored: bool = False  # mounted face down: phantom_to_scene mirrors left-right
+    cuts: tuple[dict, ...] = field(default=())  # phantom.Cut fields: torn or missing pieces
+
+    def cut_objects(self) -> tuple[phantom.Cut, ...]:
+        return tuple(phantom.Cut(**c) for c in self.cuts)
 
     @property
     def rotation_deg(self) -> float:
@@ -134,6 +153,7 @@ class SampleTruth:
                     "shift_px": tuple(s["shift_px"]),
                     "phantom_to_scene": tuple(tuple(r) for r in s["phantom_to_scene"]),
                     "debris": tuple(s["debris"]),
+                    "cuts": tuple(s.get("cuts", ())),
                 }
             )
             for s in raw["sections"]
@@ -194,6 +214,7 @@ def plan_sections(animal: str, seed: int, size: str) -> list[SectionTruth]:
     count = sum(spec.scenes_per_slide)
     depths = phantom.section_depths(count)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    mirrored, cuts = _plan_damage(count, seed, spec)
     plans = []
     position = 0
     h, w = spec.scene_shape
@@ -202,10 +223,11 @@ def plan_sections(animal: str, seed: int, size: str) -> list[SectionTruth]:
         # Slide coordinates of a real scanner start far from 0; each slide a little differently.
         x0, y0 = 11000 + 37 * slide_index, 6000 + 23 * slide_index
         for scene in range(scenes):
-            magnitude = rng.uniform(MIN_ROTATION_DEG, MAX_ROTATION_DEG)
+            magnitude = rng.uniform(MIN_ROTATION_DEG, spec.max_rotation_deg)
             rotation = float(np.radians(magnitude * rng.choice([-1.0, 1.0])))
             shift = (float(rng.uniform(-1, 1) * spec.max_shift_px[0]), float(rng.uniform(-1, 1) * spec.max_shift_px[1]))
-            matrix = phantom.phantom_to_scene(rotation, shift, spec.frame_shape, spec.scene_shape)
+            matrix = phantom.phantom_to_scene(rotation, shift, spec.frame_shape, spec.scene_shape,
+                                              mirrored=position in mirrored)
             row, col = divmod(scene, SCENES_PER_ROW)
             plans.append(
                 SectionTruth(
@@ -220,10 +242,40 @@ def plan_sections(animal: str, seed: int, size: str) -> list[SectionTruth]:
                     shift_px=shift,
                     phantom_to_scene=tuple(tuple(float(x) for x in r) for r in matrix),
                     tissue_area_px=0,
+                    mirrored=position in mirrored,
+                    cuts=cuts.get(position, ()),
                 )
             )
             position += 1
     return plans
+
+
+def _plan_damage(count: int, seed: int, spec: SampleSize) -> tuple[set[int], dict[int, tuple[dict, ...]]]:
+    """Which sections are mounted mirrored, torn or missing a piece (its own random stream, so
+    the standard samples keep their layout). Never the reference (middle) section, never two
+    damaged neighbours, never the two end sections."""
+    wanted = spec.mirrored + spec.torn + spec.missing
+    if not wanted:
+        return set(), {}
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 3]))
+    reference = count // 2
+    chosen: list[int] = []
+    candidates = [p for p in range(1, count - 1) if abs(p - reference) > 1]
+    for p in rng.permutation(candidates):
+        if all(abs(int(p) - q) > 1 for q in chosen):
+            chosen.append(int(p))
+        if len(chosen) == wanted:
+            break
+    mirrored = set(chosen[: spec.mirrored])
+    cuts: dict[int, tuple[dict, ...]] = {}
+    for k, p in enumerate(chosen[spec.mirrored:]):
+        angle = float(rng.uniform(0, 2 * np.pi))
+        if k < spec.torn:  # a slit from the edge a third of the way in
+            cut = {"kind": "tear", "angle": angle, "offset": float(rng.uniform(0.2, 0.35)), "width": 0.025, }
+        else:  # a corner gone: 8-20 % of the section
+            cut = {"kind": "missing", "angle": angle, "offset": float(rng.uniform(0.3, 0.42)), "width": 0.0}
+        cuts[p] = (cut,)
+    return mirrored, cuts
 
 
 def slide_file_name(animal: str, slide_number: int) -> str:
@@ -231,24 +283,27 @@ def slide_file_name(animal: str, slide_number: int) -> str:
 
 
 def _rendered(seed: int, size: str, section: SectionTruth) -> tuple[np.ndarray, ...]:
-    return _rendered_cached(seed, size, section.position, section.depth, section.phantom_to_scene, section.scene_shape)
+    return _rendered_cached(seed, size, section.position, section.depth, section.phantom_to_scene, section.scene_shape,
+                            section.cut_objects())
 
 
 @functools.lru_cache(maxsize=1)
-def _rendered_cached(seed, size, position, depth, matrix, shape) -> tuple[np.ndarray, ...]:
-    channels, _, _ = _render_at(phantom.make_phantom(seed), SIZES[size], seed, position, depth, matrix, shape)
+def _rendered_cached(seed, size, position, depth, matrix, shape, cuts) -> tuple[np.ndarray, ...]:
+    channels, _, _ = _render_at(phantom.make_phantom(seed), SIZES[size], seed, position, depth, matrix, shape, cuts)
     return tuple(channels)
 
 
 def _render(ph: phantom.Phantom, spec: SampleSize, seed: int, section: SectionTruth):
-    return _render_at(ph, spec, seed, section.position, section.depth, section.phantom_to_scene, section.scene_shape)
+    return _render_at(ph, spec, seed, section.position, section.depth, section.phantom_to_scene, section.scene_shape,
+                      section.cut_objects())
 
 
-def _render_at(ph: phantom.Phantom, spec: SampleSize, seed: int, position: int, depth: float, matrix, shape):
+def _render_at(ph: phantom.Phantom, spec: SampleSize, seed: int, position: int, depth: float, matrix, shape, cuts=()):
     """Pixels, footprint and debris of one section: a function of the seed and its placement only."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 2, position]))
     return phantom.render_section(
-        ph, depth, np.asarray(matrix), shape, spec.unit_px, spec.frame_shape, rng, pixel_scale=spec.pixel_scale
+        ph, depth, np.asarray(matrix), shape, spec.unit_px, spec.frame_shape, rng, pixel_scale=spec.pixel_scale,
+        cuts=tuple(cuts),
     )
 
 
@@ -376,7 +431,8 @@ def _write_section_truth(truth_dir: Path, ph, spec: SampleSize, section: Section
     thumb = downsample_area(tissue.astype(np.float32), THUMBNAIL_FACTOR) > 0.5
     with atomic_path(truth_dir / "footprint_thumbnail" / f"{name}.npy") as tmp:
         np.save(tmp, thumb)
-    frame_tissue, expected = phantom.render_expected(ph, section.depth, spec.frame_shape, spec.unit_px, spec.frame_shape)
+    frame_tissue, expected = phantom.render_expected(ph, section.depth, spec.frame_shape, spec.unit_px, spec.frame_shape,
+                                                     section.cut_objects())
     del frame_tissue
     for c, image in enumerate(expected, start=1):
         with atomic_path(truth_dir / "phantom_thumbnail" / f"{name}_C{c}.npy") as tmp:
@@ -405,8 +461,9 @@ def _write_truth_json(truth: SampleTruth) -> None:
         "dtype": "uint16",
         "thumbnail_factor": THUMBNAIL_FACTOR,
         "frame_shape": list(truth.frame_shape),
-        "rotation_convention": "scene = R(rotation) (phantom - frame_centre) + scene_centre + shift; "
-        "pixel centres, x right, y down, positive rotation clockwise as displayed",
+        "rotation_convention": "scene = R(rotation) F (phantom - frame_centre) + scene_centre + shift; "
+        "pixel centres, x right, y down, positive rotation clockwise as displayed; F mirrors x for sections "
+        "with mirrored = true (mounted face down), else identity",
         "slides": list(truth.slides),
         "sections": [
             {
@@ -416,6 +473,7 @@ def _write_truth_json(truth: SampleTruth) -> None:
                 "shift_px": list(s.shift_px),
                 "phantom_to_scene": [list(r) for r in s.phantom_to_scene],
                 "debris": list(s.debris),
+                "cuts": list(s.cuts),
             }
             for s in truth.sections
         ],

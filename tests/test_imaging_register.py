@@ -69,3 +69,43 @@ def test_bad_inputs_are_reported():
         register_pair(image, np.zeros_like(image), backend="simpleitk")
     with pytest.raises(SlidepipeError, match="unknown registration backend"):
         register_pair(image, image, backend="ants")
+
+
+# --------------------------------------------------------------------------- coarse rotation search
+def _cleaned_pair(degrees, tx=4.0, ty=-3.0, mirrored=False, seed=3):
+    """A cleaned-like section (zero outside the tissue) and a copy turned by `degrees` (any size)."""
+    image, footprint = phantom_section((96, 128), seed=seed)
+    fixed = np.where(footprint, image, 0).astype(np.uint16)
+    truth = rigid_matrix(np.deg2rad(degrees), tx, ty, canvas_center(fixed.shape))
+    source = np.fliplr(fixed) if mirrored else fixed
+    moving = warp_affine(source, np.linalg.inv(truth), fixed.shape)
+    return fixed, moving, truth, footprint
+
+
+@pytest.mark.parametrize("degrees", [28.7, 120.0, -170.0])
+def test_large_rotations_are_found(degrees):
+    """The old method (Elastix from a centre-of-gravity start) found only rotations near 0."""
+    fixed, moving, truth, footprint = _cleaned_pair(degrees)
+    result = register_pair(fixed, moving, backend="elastix")
+    rms = _rms(result.matrix(), truth, footprint)
+    error = (np.rad2deg(result.rotation) - degrees + 180) % 360 - 180
+    print(f"{degrees} deg: coarse start {np.rad2deg(result.start['start_rotation']):.1f}, found "
+          f"{np.rad2deg(result.rotation):.3f} deg, RMS {rms:.3f} px")
+    assert abs(error) < 0.2 and rms < 0.2
+
+
+def test_coarse_start_reports_a_mirrored_section_without_applying_it():
+    from pipeline.imaging.rotation_search import coarse_start
+
+    fixed, moving, _, _ = _cleaned_pair(35.0)
+    plain = coarse_start(fixed, moving, mirror=True)
+    assert not plain.looks_mirrored and abs(np.rad2deg(plain.rotation) - 35.0) <= 3.0
+    fixed, flipped, _, _ = _cleaned_pair(35.0, mirrored=True)
+    found = coarse_start(fixed, flipped, mirror=True)
+    print(f"NCC as mounted {found.score:.3f}, mirrored {found.mirrored_score:.3f} (unmirrored pair: "
+          f"{plain.score:.3f} / {plain.mirrored_score:.3f})")
+    assert found.looks_mirrored
+    assert np.linalg.det(found.matrix[:2, :2]) > 0  # reported, never applied
+    assert coarse_start(fixed, flipped).mirrored_score is None  # only searched when asked
+    result = register_pair(fixed, flipped, backend="simpleitk", detect_flips=True)
+    assert result.start["looks_mirrored"] is True and np.isclose(np.linalg.det(result.matrix()[:2, :2]), 1.0)

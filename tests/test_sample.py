@@ -216,3 +216,49 @@ def test_build_small_default(tmp_path):
     with open_slide(Path(truth.layout.czi_dir / s.slide_file)) as reader:
         band = reader.read_region(s.scene_index, 2, 0, 1344, s.scene_shape[1], 128)  # across a tile seam
     np.testing.assert_array_equal(band, truth.render(s.position)[1][1344:1472])
+
+
+def test_hard_plan_has_large_rotations_mirrored_and_damaged_sections():
+    plans = plan_sections("DEMO", 0, "hard")
+    spec = SIZES["hard"]
+    count = len(plans)
+    assert count == 24 and plans == plan_sections("DEMO", 0, "hard")
+    rotations = np.abs([p.rotation_deg for p in plans])
+    assert rotations.max() <= spec.max_rotation_deg == 45.0 and rotations.max() > 40
+    assert max(abs(a.rotation_deg - b.rotation_deg) for a, b in zip(plans, plans[1:])) > 60  # relative turns too
+    mirrored = [p.position for p in plans if p.mirrored]
+    kinds = Counter(c["kind"] for p in plans for c in p.cuts)
+    assert len(mirrored) == 2 and kinds == {"tear": 2, "missing": 2}
+    damaged = sorted(mirrored + [p.position for p in plans if p.cuts])
+    assert count // 2 not in damaged and 0 not in damaged and count - 1 not in damaged
+    assert all(b - a > 1 for a, b in zip(damaged, damaged[1:]))
+    for p in plans:  # a mirrored section's matrix mirrors; the others are rotations
+        assert np.linalg.det(np.asarray(p.phantom_to_scene)[:, :2]) == pytest.approx(-1.0 if p.mirrored else 1.0)
+    # the standard sample is unchanged by the hard one's options
+    assert not any(p.mirrored or p.cuts for p in plan_sections("DEMO", 0, "small"))
+    # the scenes hold a section turned by 45 degrees
+    frame = phantom.render_expected(phantom.make_phantom(0), 0.1, spec.frame_shape, spec.unit_px, spec.frame_shape)[0]
+    yy, xx = np.nonzero(frame)
+    half_diagonal = np.hypot(xx - xx.mean(), yy - yy.mean()).max()
+    assert 2 * half_diagonal + 2 * max(spec.max_shift_px) < min(spec.scene_shape)
+
+
+def test_cuts_and_mirroring_change_the_footprint_as_planned():
+    ph = phantom.make_phantom(0)
+    shape, unit = (96, 128), 64.0
+    identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    whole = phantom.render_footprint(ph, 0.1, identity, shape, unit, shape)
+    missing = phantom.Cut("missing", angle=0.0, offset=0.35)  # everything right of u = 0.35 is gone
+    broken = phantom.render_footprint(ph, 0.1, identity, shape, unit, shape, cuts=(missing,))
+    u = (np.arange(shape[1]) - (shape[1] - 1) / 2) / unit
+    assert not broken[:, u > 0.40].any()
+    assert (broken[:, u < 0.28] != whole[:, u < 0.28]).mean() < 0.01  # boundaries interpolated from 4x coarse fields
+    assert 0.05 < 1 - broken.sum() / whole.sum() < 0.3
+    tear = phantom.Cut("tear", angle=0.0, offset=0.2, width=0.04)  # a slit to the right from u = 0.2
+    torn = phantom.render_footprint(ph, 0.1, identity, shape, unit, shape, cuts=(tear,))
+    v = (np.arange(shape[0]) - (shape[0] - 1) / 2) / unit
+    slit = np.ix_(np.abs(v) < 0.02, u > 0.25)
+    assert whole[slit].mean() > 0.8 and not torn[slit].any()
+    assert (torn[np.abs(v) > 0.1] != whole[np.abs(v) > 0.1]).mean() < 0.01
+    mirror = phantom.phantom_to_scene(0.0, (0.0, 0.0), shape, shape, mirrored=True)
+    assert np.array_equal(phantom.render_footprint(ph, 0.1, mirror, shape, unit, shape), np.fliplr(whole))

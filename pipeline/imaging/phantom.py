@@ -88,11 +88,37 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def section_fields(ph: Phantom, u: np.ndarray, v: np.ndarray, w: float) -> dict[str, np.ndarray]:
+@dataclass(frozen=True)
+class Cut:
+    """Damage to one section, in normalised phantom coordinates (u right, v down).
+
+    kind "missing": the piece beyond the line u cos(angle) + v sin(angle) = offset is gone (a
+    corner broken off when mounting). kind "tear": a slit of half-width `width` along the
+    direction `angle`, from `offset` outwards to the edge.
+    """
+
+    kind: str
+    angle: float
+    offset: float
+    width: float = 0.0
+
+    def level(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        """> 0 where the cut removes tissue."""
+        along = u * np.cos(self.angle) + v * np.sin(self.angle)
+        if self.kind == "missing":
+            return along - self.offset
+        if self.kind == "tear":
+            across = -u * np.sin(self.angle) + v * np.cos(self.angle)
+            return np.minimum(self.width - np.abs(across), along - self.offset)
+        raise ValueError(f"unknown cut kind {self.kind!r} (missing, tear)")
+
+
+def section_fields(ph: Phantom, u: np.ndarray, v: np.ndarray, w: float, cuts: tuple[Cut, ...] = ()) -> dict[str, np.ndarray]:
     """Smooth fields of the section at depth w, at the points (u, v).
 
-    'outer' < 1 inside the brain outline, 'level' < 0 on tissue (outline minus ventricles and the
-    midline fissure), 'ch1' and 'ch2' the expected tissue intensities before texture and noise.
+    'outer' < 1 inside the brain outline, 'level' < 0 on tissue (outline minus ventricles, the
+    midline fissure and any `cuts`), 'ch1' and 'ch2' the expected tissue intensities before
+    texture and noise.
     """
     s = _size_profile(w)
     a = 0.86 * s * (1 + 0.04 * w)
@@ -135,6 +161,8 @@ def section_fields(ph: Phantom, u: np.ndarray, v: np.ndarray, w: float) -> dict[
     groove = 0.04 * s * np.clip((-dv - 0.45) / 0.55, 0.0, 1.0) + 1e-9
     holes = np.minimum(holes, np.abs(u) / groove)
     level = np.maximum(outer - 1.0, 1.0 - holes)
+    for cut in cuts:
+        level = np.maximum(level, cut.level(u, v))
 
     cortex = np.clip((outer - 0.7) / 0.3, 0.0, 1.0) * _sigmoid(-(dv - 0.35) / 0.12)
     layers = 0.5 + 0.5 * np.cos(outer * 2 * np.pi * 6)
@@ -174,14 +202,17 @@ def _texture_at(ph: Phantom, u: np.ndarray, v: np.ndarray, w: float) -> tuple[np
 
 
 # --- geometry ------------------------------------------------------------------------------
-def phantom_to_scene(rotation: float, shift: tuple[float, float], frame_shape, scene_shape) -> np.ndarray:
-    """2x3 matrix taking phantom-frame pixel (x, y) to scene pixel: s = R(rotation)(p - c_p) + c_s + shift.
+def phantom_to_scene(rotation: float, shift: tuple[float, float], frame_shape, scene_shape, mirrored: bool = False) -> np.ndarray:
+    """2x3 matrix taking phantom-frame pixel (x, y) to scene pixel: s = R(rotation) F (p - c_p) + c_s + shift.
 
     Pixel coordinates are (x right, y down) at pixel centres, so a positive rotation turns the
-    section clockwise as displayed.
+    section clockwise as displayed. F mirrors left-right (x -> -x about the frame centre) when
+    the section was mounted face down, else it is the identity.
     """
     c, s = np.cos(rotation), np.sin(rotation)
     rot = np.array([[c, -s], [s, c]])
+    if mirrored:
+        rot = rot @ np.diag([-1.0, 1.0])
     cp = np.array([(frame_shape[1] - 1) / 2, (frame_shape[0] - 1) / 2])
     cs = np.array([(scene_shape[1] - 1) / 2, (scene_shape[0] - 1) / 2])
     offset = cs + np.asarray(shift, float) - rot @ cp
@@ -193,7 +224,8 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
     return np.hstack([lin, (-lin @ matrix[:, 2])[:, None]])
 
 
-def _coarse_fields(ph: Phantom, w: float, scene_to_phantom: np.ndarray, shape, unit_px: float, frame_shape):
+def _coarse_fields(ph: Phantom, w: float, scene_to_phantom: np.ndarray, shape, unit_px: float, frame_shape,
+                   cuts: tuple[Cut, ...] = ()):
     """Fields at the centres of the 4x4 blocks of a (h, w) output; (u, v) from the affine map."""
     h, wd = shape
     ys = COARSE * np.arange(h // COARSE) + (COARSE - 1) / 2
@@ -203,7 +235,7 @@ def _coarse_fields(ph: Phantom, w: float, scene_to_phantom: np.ndarray, shape, u
     py = scene_to_phantom[1, 0] * gx + scene_to_phantom[1, 1] * gy + scene_to_phantom[1, 2]
     u = (px - (frame_shape[1] - 1) / 2) / unit_px
     v = (py - (frame_shape[0] - 1) / 2) / unit_px
-    return section_fields(ph, u, v, w)
+    return section_fields(ph, u, v, w, cuts)
 
 
 def _upsample(field: np.ndarray, shape) -> np.ndarray:
@@ -215,19 +247,21 @@ def _check_shape(shape) -> None:
         raise ValueError(f"output shape {shape} must be a multiple of {COARSE}")
 
 
-def render_footprint(ph: Phantom, w: float, matrix: np.ndarray, shape, unit_px: float, frame_shape) -> np.ndarray:
+def render_footprint(ph: Phantom, w: float, matrix: np.ndarray, shape, unit_px: float, frame_shape,
+                     cuts: tuple[Cut, ...] = ()) -> np.ndarray:
     """Tissue mask (bool) of the section mapped into an output of `shape` by `matrix` (phantom->output)."""
     _check_shape(shape)
-    fields = _coarse_fields(ph, w, invert_affine(matrix), shape, unit_px, frame_shape)
+    fields = _coarse_fields(ph, w, invert_affine(matrix), shape, unit_px, frame_shape, cuts)
     return _upsample(fields["level"], shape) < 0
 
 
-def render_expected(ph: Phantom, w: float, shape, unit_px: float, frame_shape) -> tuple[np.ndarray, list[np.ndarray]]:
+def render_expected(ph: Phantom, w: float, shape, unit_px: float, frame_shape,
+                    cuts: tuple[Cut, ...] = ()) -> tuple[np.ndarray, list[np.ndarray]]:
     """Unrotated section in its phantom frame: footprint and expected intensity per channel
     (no cell texture, no noise, no debris) — the reference later accuracy tests compare to."""
     _check_shape(shape)
     identity = np.array([[1.0, 0, 0], [0, 1.0, 0]])
-    fields = _coarse_fields(ph, w, identity, shape, unit_px, frame_shape)
+    fields = _coarse_fields(ph, w, identity, shape, unit_px, frame_shape, cuts)
     tissue = _upsample(fields["level"], shape) < 0
     return tissue, [_upsample(fields[k], shape) * tissue for k in ("ch1", "ch2")]
 
@@ -251,15 +285,17 @@ def render_section(
     frame_shape,
     rng: np.random.Generator,
     pixel_scale: float = 1.0,
+    cuts: tuple[Cut, ...] = (),
 ) -> tuple[list[np.ndarray], np.ndarray, list[Debris]]:
     """One section as it lies on the slide: uint16 channels, its tissue footprint, its debris.
 
     `matrix` maps phantom-frame pixels to output pixels; `pixel_scale` is how many output pixels
-    one pixel of the small sample spans (cells and debris keep their physical size).
+    one pixel of the small sample spans (cells and debris keep their physical size). `matrix`
+    may mirror (a section mounted face down); `cuts` remove torn or missing pieces.
     """
     _check_shape(shape)
     h, wd = shape
-    fields = _coarse_fields(ph, w, invert_affine(matrix), shape, unit_px, frame_shape)
+    fields = _coarse_fields(ph, w, invert_affine(matrix), shape, unit_px, frame_shape, cuts)
     tissue = _upsample(fields["level"], shape) < 0
     smooth = [_upsample(fields["ch1"], shape), _upsample(fields["ch2"], shape)]
 

@@ -1,7 +1,11 @@
 """Rigid registration of one section onto its neighbour (Elastix, or SimpleITK as a fallback).
 
 Both backends run translation first, then rigid (Euler: rotation + translation), with Mattes
-mutual information over a multi-resolution pyramid. The result follows the convention of
+mutual information over a multi-resolution pyramid. Gradient methods only find the rotation
+near their start, so by default a coarse search over all rotations comes first
+(`pipeline.imaging.rotation_search`): the moving image is resampled once with the best start,
+on a canvas padded so that turning it loses no tissue, the fine registration refines that, and
+the two are composed into the one reported transform. The result follows the convention of
 `pipeline.imaging.transforms`: it maps fixed-image points to moving-image points,
 ``aligned(p) = moving(T(p))``, and is reported as (rotation [rad], xshift, yshift [px]) about
 the centre of the fixed image. Elastix's parameter maps are package files
@@ -17,10 +21,11 @@ import importlib.util
 from importlib import metadata
 import re
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 
 from pipeline.errors import SlidepipeError
@@ -39,6 +44,11 @@ SITK_SETTINGS = {
 ~all pixels: on the sample brain's 80 px thumbnails 25% sampling doubled the error, and sampling
 every pixel in grid order (no randomness) made one pair diverge."""
 
+STARTS = 1
+"""Fine registrations per pair, from the best distinct coarse candidates. More than one did not
+help on the hard sample (the choice between them by NCC picked half-turns as often as it fixed
+them), so one, the best."""
+
 _itk = None
 
 
@@ -56,6 +66,8 @@ class RigidResult:
     backend: str
     center: tuple[float, float]
     """(x, y) centre of rotation: the centre of the fixed image."""
+    start: dict | None = None
+    """The coarse search's report (`CoarseStart.describe()`), when it ran."""
 
     def matrix(self) -> np.ndarray:
         return rigid_matrix(self.rotation, self.xshift, self.yshift, self.center)
@@ -63,6 +75,8 @@ class RigidResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["center"] = list(self.center)
+        if data["start"] is None:
+            del data["start"]
         return data
 
 
@@ -97,18 +111,56 @@ def register_pair(
     backend: str = "auto",
     parameter_files: Sequence[Path] = PARAMETER_FILES,
     threads: int | None = None,
+    search: bool = True,
+    detect_flips: bool = False,
+    starts: int = STARTS,
 ) -> RigidResult:
-    """Rigid transform taking `fixed` coordinates to `moving` coordinates (same-size images)."""
+    """Rigid transform taking `fixed` coordinates to `moving` coordinates (same-size images).
+
+    `search`: start from the best of all rotations (see the module), refining the `starts` best
+    distinct candidates and keeping the result that matches best; `detect_flips`: also score the
+    mirrored moving image and report it in `start` (never applied).
+    """
     if fixed.shape[:2] != moving.shape[:2]:
         raise SlidepipeError(f"fixed {fixed.shape} and moving {moving.shape} images differ in size")
     fixed_f, moving_f = _as_float(fixed, "fixed"), _as_float(moving, "moving")
     if backend == "auto":
         backend = "elastix" if elastix_available() else "simpleitk"
+    if backend not in ("elastix", "simpleitk"):
+        raise SlidepipeError(f"unknown registration backend {backend!r} (elastix, simpleitk, auto)")
+    if not search:
+        return _fine(backend, fixed_f, moving_f, fixed_mask, parameter_files, threads)
+    from pipeline.imaging.rotation_search import coarse_start, match_score
+
+    start = coarse_start(fixed_f, moving_f, mirror=detect_flips, candidates=starts)
+    # pad both so the started moving image keeps all its tissue, whatever the turn
+    pad = int(np.ceil(0.25 * max(fixed_f.shape)))
+    shift = translation_matrix(pad, pad)  # canvas -> padded coordinates
+    fixed_p = np.pad(fixed_f, pad)
+    mask_p = None if fixed_mask is None else np.pad(fixed_mask, pad)
+    padded_shape = fixed_p.shape
+    center = canvas_center(fixed_f.shape)
+    best = None
+    for rank, initial in enumerate((start.matrix, *start.alternatives)):
+        start_padded = shift @ initial @ np.linalg.inv(shift)
+        moving_p = cv2.warpAffine(np.pad(moving_f, pad), start_padded[:2], (padded_shape[1], padded_shape[0]),
+                                  flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderValue=0)
+        fine = _fine(backend, fixed_p, moving_p, mask_p, parameter_files, threads)
+        # fixed(p) ~ started(F p) = moving(S F p), in padded coordinates; back to the canvas
+        total = np.linalg.inv(shift) @ start_padded @ fine.matrix() @ shift
+        score = match_score(fixed_f, moving_f, total)
+        if best is None or score > best[0]:
+            best = (score, rank, total, fine)
+    score, rank, total, fine = best
+    rotation, xshift, yshift = rigid_parameters(total, center)
+    report = {**start.describe(), "final_score": score, "start_rank": rank, "starts_tried": 1 + len(start.alternatives)}
+    return replace(fine, rotation=rotation, xshift=xshift, yshift=yshift, center=center, start=report)
+
+
+def _fine(backend, fixed, moving, fixed_mask, parameter_files, threads) -> RigidResult:
     if backend == "elastix":
-        return _register_elastix(fixed_f, moving_f, fixed_mask, parameter_files, threads)
-    if backend == "simpleitk":
-        return _register_simpleitk(fixed_f, moving_f, fixed_mask, threads)
-    raise SlidepipeError(f"unknown registration backend {backend!r} (elastix, simpleitk, auto)")
+        return _register_elastix(fixed, moving, fixed_mask, parameter_files, threads)
+    return _register_simpleitk(fixed, moving, fixed_mask, threads)
 
 
 def _as_float(image: np.ndarray, name: str) -> np.ndarray:

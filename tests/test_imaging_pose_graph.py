@@ -1,0 +1,167 @@
+"""One pose per section from pairwise registrations (pose_graph) and the QC flags (qc)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import SlidepipeError
+from pipeline.imaging.pose_graph import Anchor, Pair, pair_discrepancy, solve_poses
+from pipeline.imaging.qc import dips, flag_sections
+from pipeline.imaging.transforms import compose_to_reference, rigid_matrix
+
+CENTER, RADIUS = (50.0, 40.0), 25.0
+
+
+def true_poses(count, seed=0):
+    rng = np.random.default_rng(seed)
+    poses = [rigid_matrix(np.deg2rad(rng.uniform(-45, 45)), rng.uniform(-5, 5), rng.uniform(-5, 5), CENTER)
+             for _ in range(count)]
+    reference = count // 2
+    return [p @ np.linalg.inv(poses[reference]) for p in poses], reference
+
+
+def relative(poses, fixed, moving):
+    return poses[moving] @ np.linalg.inv(poses[fixed])
+
+
+def pairs_of(poses, error=None, reach=2):
+    """k-1 .. k-reach pairs; error(fixed, moving) -> 3x3 applied to the measurement."""
+    pairs = []
+    for moving in range(1, len(poses)):
+        for fixed in range(max(0, moving - reach), moving):
+            measured = relative(poses, fixed, moving)
+            if error is not None:
+                measured = error(fixed, moving) @ measured
+            pairs.append(Pair(fixed, moving, measured))
+    return pairs
+
+
+def chain(pairs, count, reference):
+    links = [None] + [next(p.matrix for p in pairs if p.fixed == i - 1 and p.moving == i) for i in range(1, count)]
+    return compose_to_reference(links, reference)
+
+
+def worst_error(found, truth):
+    return max(pair_discrepancy(t, f, CENTER, RADIUS) for f, t in zip(found, truth))
+
+
+def test_exact_pairs_give_the_exact_poses():
+    truth, reference = true_poses(12)
+    solution = solve_poses(12, pairs_of(truth), reference, CENTER, RADIUS)
+    assert worst_error(solution.poses, truth) < 1e-6
+    assert np.allclose(solution.poses[reference], np.eye(3))
+    assert solution.pair_residual.max() < 1e-6 and not solution.outvoted.any()
+
+
+def test_a_failed_pair_is_outvoted_instead_of_followed():
+    truth, reference = true_poses(15, seed=1)
+    bad = (9, 10)  # a k-1 pair registered 30 degrees off (the issue's 28.7 -> 11.0 failure)
+    pairs = pairs_of(truth, lambda f, m: rigid_matrix(np.deg2rad(30), 3, -2, CENTER) if (f, m) == bad else np.eye(3))
+    solution = solve_poses(15, pairs, reference, CENTER, RADIUS)
+    chained = chain(pairs, 15, reference)
+    print(f"one failed pair: chaining moves the sections beyond it by {worst_error(chained, truth):.1f} px, "
+          f"the pose solve by {worst_error(solution.poses, truth):.3f} px")
+    assert worst_error(chained, truth) > 10
+    assert worst_error(solution.poses, truth) < 0.05
+    assert [(p.fixed, p.moving) for p, o in zip(pairs, solution.outvoted) if o] == [bad]
+
+
+def test_a_manual_transform_is_a_hard_constraint():
+    truth, reference = true_poses(10, seed=2)
+    pairs = pairs_of(truth)
+    manual = rigid_matrix(np.deg2rad(2.0), 1.5, -1.0, CENTER) @ relative(truth, 6, 7)  # the user's own, 2 deg off
+    pairs.append(Pair(6, 7, manual, hard=True))
+    solution = solve_poses(10, pairs, reference, CENTER, RADIUS)
+    assert np.allclose(solution.poses[7], manual @ solution.poses[6], atol=1e-9)
+    # a manual transform into the reference moves its neighbour, not the reference
+    pairs = pairs_of(truth) + [Pair(reference - 1, reference, manual, hard=True)]
+    solution = solve_poses(10, pairs, reference, CENTER, RADIUS)
+    assert np.allclose(solution.poses[reference], np.eye(3))
+    assert np.allclose(solution.poses[reference], manual @ solution.poses[reference - 1], atol=1e-9)
+
+
+def test_unconnected_sections_are_an_error():
+    truth, reference = true_poses(6)
+    pairs = [p for p in pairs_of(truth, reach=1) if p.moving != 4]
+    with pytest.raises(SlidepipeError, match=r"sections \[.*\] are not connected"):
+        solve_poses(6, pairs, reference, CENTER, RADIUS)
+
+
+def test_drift_over_a_long_stack_is_removed():
+    """120 sections whose anatomy changes slowly: each pair's registration is a little biased
+    the same way along the stack (0.1 px and 0.1 degree, slowly turning) plus noise. Chaining adds
+    the bias up; the pose solve with the stack's centroids as weak anchors does not."""
+    count = 120
+    truth, reference = true_poses(count, seed=3)
+    rng = np.random.default_rng(4)
+
+    def error(fixed, moving):
+        steps = moving - fixed
+        bias = 0.1 * steps * np.array([np.cos(moving / 15), np.sin(moving / 15)])
+        angle = np.deg2rad(0.1 * steps * np.sin(moving / 20) + rng.normal(0, 0.1))
+        return rigid_matrix(angle, *(bias + rng.normal(0, 0.05, 2)), CENTER)
+
+    pairs = pairs_of(truth, error)
+    anatomy = np.array([51.0, 41.0])  # the tissue's centroid and axis, as the reference shows them
+    anchors = []
+    for i in range(count):
+        centroid = (truth[i] @ np.array([*(anatomy + rng.normal(0, 0.1, 2)), 1.0]))[:2]
+        axis = np.arctan2(truth[i][1, 0], truth[i][0, 0]) + np.deg2rad(rng.normal(0, 0.5))
+        anchors.append(Anchor((float(centroid[0]), float(centroid[1])), float(axis)))
+    per_pair = np.sqrt(np.mean([pair_discrepancy(relative(truth, p.fixed, p.moving), p.matrix, CENTER, RADIUS) ** 2
+                                for p in pairs if p.moving - p.fixed == 1]))
+
+    def end_to_end(poses):
+        return pair_discrepancy(relative(truth, 0, count - 1), relative(poses, 0, count - 1), CENTER, RADIUS)
+
+    chained = chain(pairs, count, reference)
+    graph = solve_poses(count, pairs, reference, CENTER, RADIUS).poses
+    anchored = solve_poses(count, pairs, reference, CENTER, RADIUS, anchors=anchors).poses
+    print(f"per-pair error {per_pair:.3f} px (RMS over the tissue); end-to-end drift: chained {end_to_end(chained):.2f} px, pose solve "
+          f"{end_to_end(graph):.2f} px, with anchors {end_to_end(anchored):.2f} px; worst section: chained "
+          f"{worst_error(chained, truth):.2f}, pose solve {worst_error(graph, truth):.2f}, with anchors "
+          f"{worst_error(anchored, truth):.2f} px")
+    # measured: the issue's target (at most 2x the per-pair error) is NOT reached yet: the
+    # rotation part of the bias still accumulates (the centroid anchors only hold translation)
+    assert end_to_end(chained) > 2 * per_pair
+    assert end_to_end(anchored) < 0.6 * end_to_end(chained)
+    assert worst_error(anchored, truth) < worst_error(graph, truth) < worst_error(chained, truth)
+
+
+def test_a_corrupted_section_is_flagged_and_does_not_move_its_neighbours():
+    count = 20
+    truth, reference = true_poses(count, seed=5)
+    rng = np.random.default_rng(6)
+    wrong = 6  # wrong tissue: every registration involving it lands somewhere arbitrary
+
+    def error(fixed, moving):
+        if wrong in (fixed, moving):
+            return rigid_matrix(rng.uniform(-np.pi, np.pi), *rng.uniform(-15, 15, 2), CENTER)
+        return rigid_matrix(np.deg2rad(rng.normal(0, 0.2)), *rng.normal(0, 0.1, 2), CENTER)
+
+    pairs = pairs_of(truth, error)
+    clean = [p if wrong not in (p.fixed, p.moving) else Pair(p.fixed, p.moving, relative(truth, p.fixed, p.moving))
+             for p in pairs]
+    solution = solve_poses(count, pairs, reference, CENTER, RADIUS)
+    baseline = solve_poses(count, clean, reference, CENTER, RADIUS)
+    moved = max(pair_discrepancy(b, s, CENTER, RADIUS)
+                for i, (b, s) in enumerate(zip(baseline.poses, solution.poses)) if i != wrong)
+    names = [f"{i:03d}" for i in range(count)]
+    flags = flag_sections(names, solution.section_disagreement)
+    print(f"corrupted section {wrong}: disagreement {solution.section_disagreement[wrong]:.1f} px (median of the "
+          f"others {np.nanmedian(np.delete(solution.section_disagreement, wrong)):.2f}); other sections moved by at "
+          f"most {moved:.3f} px; flags {flags}")
+    assert list(flags) == [names[wrong]]
+    assert moved < 0.1  # the baseline also has good pairs for the section: not exactly the same problem
+    outvoted = {(p.fixed, p.moving) for p, o in zip(pairs, solution.outvoted) if o}
+    # the section's own pose is free, so one of its four random pairs may fit it: the rest are outvoted
+    assert outvoted <= {(p.fixed, p.moving) for p in pairs if wrong in (p.fixed, p.moving)} and len(outvoted) >= 3
+
+
+def test_similarity_dips_are_flagged():
+    values = np.array([0.9, 0.91, 0.92, 0.9, 0.5, 0.91, 0.9, 0.89, 0.9, np.nan, 0.88])
+    assert np.flatnonzero(dips(values)).tolist() == [4, 9]
+    names = [f"{i:03d}" for i in range(values.size)]
+    flags = flag_sections(names, np.full(values.size, 0.2), values)
+    assert list(flags) == ["004"] and "worse than the stack" in flags["004"]
