@@ -177,8 +177,10 @@ def _run_task(engine, settings: Settings, args) -> int:
         channels = _channels_for(engine, args, module) if args.task == "all" else [args.channel]
         for channel in channels:
             code = max(code, run_stage(module, engine, settings, args, channel))
-        if getattr(module, "REFRESH_PAGES", False) and args.task != "all":  # 'all' ends with web anyway
-            code = max(code, run_stage(stage_module("web"), engine, settings, args, 1))
+        # Pages link what was published: refresh them only when the stage published ('all' ends with web
+        # anyway). After a failure the stage's own run stays the last one recorded, so `status` shows it.
+        if getattr(module, "REFRESH_PAGES", False) and args.task != "all" and code == 0:
+            code = run_stage(stage_module("web"), engine, settings, args, 1)
         if code and args.task == "all":
             print(f"stopping 'all' after {name} failed", file=sys.stderr)
             break
