@@ -378,6 +378,12 @@ class StageContext:
             if row is not None and row.size == st.st_size and row.mtime_ns == st.st_mtime_ns:
                 return row
             size, mtime_ns, checksum = st.st_size, st.st_mtime_ns, sha256_file(path)
+            if row is not None and row.size == size and row.checksum == checksum:
+                # Touched, not changed (copied without times, restored from a backup): still the file
+                # the record describes, and still the output of the stage that made it. The mtime is
+                # only a shortcut past hashing, so the record takes the new one.
+                row.mtime_ns = mtime_ns
+                return row
         # Unknown to us, or changed since recorded (e.g. a hand-edited mask): record it as found.
         row = FileLog(
             path=rel, kind="external", size=size, checksum=checksum, mtime_ns=mtime_ns,

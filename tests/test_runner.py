@@ -88,6 +88,28 @@ def test_changed_input_or_params_reruns_exactly_those(tmp_path, db_url):
     assert ctx3.counts["tasks_run"] == 3
 
 
+def test_a_touched_but_unchanged_output_stays_trusted_by_the_next_stage(tmp_path, db_url):
+    """Copying a data root without times (cp -r, rsync without -t) only changes mtimes: the next
+    stage that reads such a file must still see it as the earlier stage's output, not as a file
+    of unknown origin."""
+    srcs = inputs(tmp_path, 2)
+    ctx = make_ctx(tmp_path, db_url)
+    ctx.execute(tasks_for(ctx, srcs))
+    made = ctx.layout.root / "out" / "0.txt"
+    os.utime(made, ns=(made.stat().st_atime_ns, made.stat().st_mtime_ns + 5_000_000_000))
+    later = make_ctx(tmp_path, db_url)
+    later.execute([Task(key="next", func=double, kwargs={"src": str(made), "dst": str(ctx.layout.root / "next.txt")},
+                        inputs=[made], outputs=[ctx.layout.root / "next.txt"])])
+    assert later.counts["tasks_run"] == 1
+    with session_scope(later.engine) as s:
+        assert later.output_problem(s, made) is None
+        assert not s.scalars(select(FileLog).where(FileLog.kind == "external", FileLog.path.endswith("out/0.txt"))).all()
+    made.write_text("section 0;edited")  # a real change is still seen
+    fresh = make_ctx(tmp_path, db_url)
+    with session_scope(fresh.engine) as s:
+        assert fresh.output_problem(s, made) == "changed on disk since slidepipe wrote it"
+
+
 def test_deleted_or_modified_output_is_redone(tmp_path, db_url):
     srcs = inputs(tmp_path, 2)
     ctx = make_ctx(tmp_path, db_url)
