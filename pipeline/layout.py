@@ -150,9 +150,11 @@ class AnimalLayout:
     def transforms_dir(self) -> Path:
         return self.preps / "transforms"
 
-    def pairwise_transform(self, section: str) -> Path:
-        """Registration of `section` (moving) onto its previous neighbour (JSON, which names both)."""
-        return self.transforms_dir / "pairwise" / f"{_section_file(section)}.json"
+    def pairwise_transform(self, section: str, step: int = 1) -> Path:
+        """Registration of `section` (moving) onto its previous neighbour (step 1), or onto the
+        section before that (step 2, `pairwise_k2/`); the JSON names both."""
+        folder = "pairwise" if step == 1 else f"pairwise_k{step}"
+        return self.transforms_dir / folder / f"{_section_file(section)}.json"
 
     def section_transform(self, section: str) -> Path:
         """Composed transform of one section onto the reference (middle) section (JSON)."""

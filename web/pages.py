@@ -256,10 +256,14 @@ class AnimalSite:
                 pos = per_channel_rows[1].get(row.FK_section_id) if 1 in per_channel_rows else None
                 if pos is None:
                     continue
+                fixed = per_channel_rows[1].get(row.FK_fixed_section_id, -1)
                 current = transforms.get(pos)
-                if current is None or row.manual or not current["manual"]:
+                # the manual row, else the registration onto the nearest earlier section (k-1, not k-2)
+                if current is None or (row.manual and not current["manual"]) or (
+                        not current["manual"] and not row.manual and fixed >= current["fixed_position"]):
                     transforms[pos] = {"rotation": math.degrees(row.rotation), "xshift": row.xshift,
-                                       "yshift": row.yshift, "manual": row.manual, "metric": row.metric}
+                                       "yshift": row.yshift, "manual": row.manual, "metric": row.metric,
+                                       "fixed_position": fixed}
             metrics = []
             for channel in channels:
                 for downsample in (True, False):

@@ -1,15 +1,17 @@
-"""align: register consecutive channel-1 cleaned thumbnails, compose onto the middle section,
-resample every section once.
+"""align: register channel-1 cleaned thumbnails to their k-1 and k-2 neighbours, solve one pose
+per section onto the middle section, resample every section once.
 
 Three phases, each a set of runner tasks so that a change re-runs only what depends on it:
 
 1. `pair:<section>` registers a section (moving) onto the previous section (fixed) and writes
-   `preps/transforms/pairwise/<section>.json`; the result becomes an `elastix_transformation`
+   `preps/transforms/pairwise/<section>.json`; `pair2:<section>` onto the section before that,
+   `preps/transforms/pairwise_k2/<section>.json`. Each result becomes an `elastix_transformation`
    row. Files are named by the section's key (`<slide>_S<scene>`), and the neighbour is a
    parameter: a reorder redoes exactly the pairs whose neighbour changed.
-2. `compose` turns the pairwise transforms (or a manual row, which wins) into one transform per
-   section onto the reference (middle) section, `preps/transforms/composed/<section>.json`. A
-   file is rewritten only when its content changes; the task's result records the stack order.
+2. `compose` solves one pose per section from all pairs (`pipeline.imaging.pose_graph`: robust
+   least squares, so a failed pair is outvoted instead of carried along a chain; tissue
+   centroids as weak anchors against drift), `preps/transforms/composed/<section>.json`. A file
+   is rewritten only when its content changes; the task's result records the stack order.
 3. `warp:<section>` resamples the cleaned section of the stage's channel and resolution with its
    composed transform (an input of the task: a changed transform re-runs exactly its sections).
 
@@ -20,8 +22,9 @@ are registered to each other.
 
 Manual override: `--task align --section S --rotation DEG --xshift PX --yshift PX` (S: the
 section's key `<slide>_S<scene>`, or its position now) stores a manual row (thumbnail pixels,
-rotation in degrees on the command line, radians in the table) that replaces the computed
-transform of section S onto its previous neighbour; `--section S --clear-manual` removes it.
+rotation in degrees on the command line, radians in the table): the transform of section S onto
+its previous neighbour, held exactly by the pose solve in place of S's own registrations;
+`--section S --clear-manual` removes it.
 """
 
 from __future__ import annotations
@@ -78,41 +81,67 @@ def register_task(fixed: str, moving: str, output: str, fixed_section: str, movi
     return data
 
 
-def compose_task(chain: list[dict], reference: str, canvas: list[int], outputs: dict[str, str]) -> dict:
-    """chain: per available section in stack order, {"section", "pairwise": path | None, "manual": [rot, x, y] | None}."""
-    from pipeline.imaging.transforms import canvas_center, compose_to_reference, rigid_matrix, rigid_parameters
+def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str], reference: str,
+                 canvas: list[int], outputs: dict[str, str]) -> dict:
+    """One pose per section onto the reference from all its pairs (`pose_graph.solve_poses`).
+
+    sections: the available sections in stack order; pairs: {"fixed", "moving", "step", and
+    "pairwise": path or "manual": [rot, x, y]} (a manual pair is a hard constraint). Each
+    section's cleaned channel-1 thumbnail gives its tissue centroid, a weak anchor that keeps the
+    stack from wandering (measured best on the sample, docs/processing.md)."""
+    from pipeline.imaging.pose_graph import Pair, anchor_of, rms_radius, solve_poses
+    from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
+    from pipeline.stages.section_files import read_image
 
     center = canvas_center(tuple(canvas))
-    pairwise: list[np.ndarray | None] = [None]
-    sources = ["reference-chain start"]
-    for previous, link in zip(chain, chain[1:]):
-        if link["manual"] is not None:
-            pairwise.append(rigid_matrix(*link["manual"], center))
-            sources.append("manual")
-            continue
-        data = json.loads(Path(link["pairwise"]).read_text())
-        if data["fixed"] != previous["section"] or data["moving"] != link["section"]:
-            raise SlidepipeError(f"pairwise transform is for {data['fixed']}->{data['moving']}, expected "
-                                 f"{previous['section']}->{link['section']}", link["pairwise"])
-        pairwise.append(rigid_matrix(data["rotation"], data["xshift"], data["yshift"], center))
-        sources.append(data["backend"])
-    index = [link["section"] for link in chain].index(reference)
-    composed = compose_to_reference(pairwise, index)
-    summary = {}
-    for link, matrix, source in zip(chain, composed, sources):
+    index = {name: i for i, name in enumerate(sections)}
+    graph, sources = [], {}
+    for pair in pairs:
+        if pair.get("manual") is not None:
+            matrix, hard, source = rigid_matrix(*pair["manual"], center), True, "manual"
+        else:
+            data = json.loads(Path(pair["pairwise"]).read_text())
+            if data["fixed"] != pair["fixed"] or data["moving"] != pair["moving"]:
+                raise SlidepipeError(f"pairwise transform is for {data['fixed']}->{data['moving']}, expected "
+                                     f"{pair['fixed']}->{pair['moving']}", pair["pairwise"])
+            matrix = rigid_matrix(data["rotation"], data["xshift"], data["yshift"], center)
+            hard, source = False, data["backend"]
+        graph.append(Pair(index[pair["fixed"]], index[pair["moving"]], matrix, hard=hard))
+        if pair["step"] == 1:
+            sources[pair["moving"]] = source
+    images = {name: read_image(cleaned[name]) for name in sections}
+    # a section placed by hand onto its neighbour keeps no centroid cue of its own: with the hard
+    # constraint it would pull the neighbour away from that neighbour's registrations
+    placed = {p["moving"] for p in pairs if p.get("manual") is not None}
+    anchors = [None if name in placed else anchor_of(images[name]) for name in sections]
+    radius = rms_radius(images[reference], center)
+    try:
+        solution = solve_poses(len(sections), graph, index[reference], center, radius, anchors=anchors)
+    except SlidepipeError as exc:
+        raise SlidepipeError(f"{exc} (sections in stack order: {', '.join(sections)})") from exc
+    summary, disagreement = {}, {}
+    for name, matrix in zip(sections, solution.poses):
         rotation, xshift, yshift = rigid_parameters(matrix, center)
         payload = json.dumps({
-            "section": link["section"], "reference": reference, "canvas": list(canvas),
+            "section": name, "reference": reference, "canvas": list(canvas),
             "matrix": [[float(v) for v in row] for row in matrix],
-            "rotation": rotation, "xshift": xshift, "yshift": yshift, "pairwise_source": source,
+            "rotation": rotation, "xshift": xshift, "yshift": yshift,
+            "pairwise_source": sources.get(name, "reference"), "method": "pose graph (k-1, k-2, centroid anchors)",
             "convention": "aligned(p) = cleaned(matrix @ p); p = (x, y, 1) thumbnail pixel centres of the canvas",
         }, indent=1)
-        path = Path(outputs[link["section"]])
+        path = Path(outputs[name])
         if not path.is_file() or path.read_text() != payload:
             with atomic_path(path) as tmp:
                 tmp.write_text(payload)
-        summary[link["section"]] = [rotation, xshift, yshift]
-    return {"reference": reference, "order": [link["section"] for link in chain], "transforms": summary}
+        summary[name] = [rotation, xshift, yshift]
+        disagreement[name] = None if not np.isfinite(solution.section_disagreement[index[name]]) else \
+            float(solution.section_disagreement[index[name]])
+    residuals = [{"fixed": p["fixed"], "moving": p["moving"], "step": p["step"], "residual": float(r),
+                  "weight": float(w), "outvoted": bool(o)}
+                 for p, r, w, o in zip([q for q in pairs if q.get("manual") is None], solution.pair_residual,
+                                       solution.pair_weight, solution.outvoted)]
+    return {"reference": reference, "order": list(sections), "transforms": summary, "disagreement": disagreement,
+            "pairs": residuals}
 
 
 def warp_thumbnail(source: str, transform: str, output: str) -> dict:
@@ -175,6 +204,19 @@ def run(ctx: StageContext) -> None:
         _warp(ctx, available, transforms)
 
 
+STEPS = (1, 2)
+"""Each section is registered onto the section before it and the one before that (k-1, k-2)."""
+
+
+def _neighbour_pairs(available) -> list[tuple[int, object, object]]:
+    """(step, fixed, moving) for every pair the stage registers, in stack order."""
+    return [(step, available[i - step], available[i]) for i in range(1, len(available)) for step in STEPS if i >= step]
+
+
+def _pair_key(step: int, moving: str) -> str:
+    return f"pair:{moving}" if step == 1 else f"pair{step}:{moving}"
+
+
 def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
     from pipeline.imaging.register import SITK_SETTINGS, parameter_texts
 
@@ -182,11 +224,11 @@ def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     threads = max(1, (os.cpu_count() or 1) // max(1, ctx.settings.workers))
     tasks = []
-    for fixed, moving in zip(available, available[1:]):
+    for step, fixed, moving in _neighbour_pairs(available):
         fixed_path, moving_path = ctx.layout.cleaned(1, True, fixed.name), ctx.layout.cleaned(1, True, moving.name)
-        output = ctx.layout.pairwise_transform(moving.name)
+        output = ctx.layout.pairwise_transform(moving.name, step)
         tasks.append(Task(
-            key=f"pair:{moving.name}", func=register_task,
+            key=_pair_key(step, moving.name), func=register_task,
             kwargs={"fixed": str(fixed_path), "moving": str(moving_path), "output": str(output),
                     "fixed_section": fixed.name, "moving_section": moving.name, "backend": backend,
                     "threads": threads},
@@ -198,28 +240,48 @@ def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
 
 
 def _record_pairs(ctx: StageContext, available, results: dict[str, dict]) -> None:
+    """One computed `elastix_transformation` row per registered pair (moving, fixed). A row whose
+    fixed section is no longer one of the moving section's k-1/k-2 neighbours (the order changed)
+    is reused for a new pair, or deactivated."""
     from sqlalchemy import select
 
     from db.models import ElastixTransformation
 
     by_name = {s.name: s for s in available}
+    wanted: dict[int, set[int]] = {}
+    for _, fixed, moving in _neighbour_pairs(available):
+        wanted.setdefault(moving.channel1_id, set()).add(fixed.channel1_id)
     with ctx.session() as session:
-        for key, data in results.items():
+        rows: dict[int, list] = {}
+        for row in session.scalars(select(ElastixTransformation).where(
+                ElastixTransformation.FK_prep_id == ctx.animal, ElastixTransformation.manual.is_(False),
+                ElastixTransformation.active.is_(True), ElastixTransformation.resolution == "thumbnail")
+                .order_by(ElastixTransformation.id)):
+            rows.setdefault(row.FK_section_id, []).append(row)
+        for data in results.values():
             moving, fixed = by_name[data["moving"]], by_name[data["fixed"]]
-            row = session.scalars(select(ElastixTransformation).where(
-                ElastixTransformation.FK_prep_id == ctx.animal, ElastixTransformation.FK_section_id == moving.channel1_id,
-                ElastixTransformation.manual.is_(False), ElastixTransformation.active.is_(True),
-                ElastixTransformation.resolution == "thumbnail")).first()
+            own = rows.get(moving.channel1_id, [])
+            row = next((r for r in own if r.FK_fixed_section_id == fixed.channel1_id), None)
+            if row is None:
+                row = next((r for r in own if r.FK_fixed_section_id not in wanted.get(moving.channel1_id, ())), None)
             values = {"FK_fixed_section_id": fixed.channel1_id, "section": section_name(moving.position),
                       "rotation": data["rotation"], "xshift": data["xshift"], "yshift": data["yshift"],
                       "metric": data["metric"], "iteration": data["iterations"]}
             if row is None:
-                session.add(ElastixTransformation(FK_prep_id=ctx.animal, FK_section_id=moving.channel1_id, manual=False,
-                                                  resolution="thumbnail", active=True, FK_pipeline_run_id=ctx.run_id, **values))
+                row = ElastixTransformation(FK_prep_id=ctx.animal, FK_section_id=moving.channel1_id, manual=False,
+                                            resolution="thumbnail", active=True, FK_pipeline_run_id=ctx.run_id, **values)
+                session.add(row)
+                rows.setdefault(moving.channel1_id, []).append(row)
             elif any(getattr(row, k) != v for k, v in values.items()):
                 for k, v in values.items():
                     setattr(row, k, v)
                 row.FK_pipeline_run_id = ctx.run_id
+        for moving_id, own in rows.items():
+            seen = set()
+            for row in own:
+                if row.FK_fixed_section_id not in wanted.get(moving_id, ()) or row.FK_fixed_section_id in seen:
+                    row.active = False
+                seen.add(row.FK_fixed_section_id)
 
 
 def _manual_rows(ctx: StageContext) -> dict[int, object]:
@@ -235,35 +297,47 @@ def _manual_rows(ctx: StageContext) -> dict[int, object]:
 
 
 def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dict[str, Path] | None:
+    """The compose task over every registered pair; a manual transform of S onto its previous
+    section replaces S's computed registrations (k-1 and k-2) and is held exactly."""
     from pipeline.stages.section_files import read_image
 
     manual = _manual_rows(ctx)
-    chain = []
-    for index, s in enumerate(available):
-        link = {"section": s.name, "pairwise": None, "manual": None}
-        if index > 0:
-            row = manual.get(s.channel1_id)
-            if row is not None and row.FK_fixed_section_id == available[index - 1].channel1_id:
-                link["manual"] = [row.rotation, row.xshift, row.yshift]
-            elif row is not None:
-                ctx.log.warning("align: the manual transform of %s was made against another neighbour; ignored", s.label)
-            if link["manual"] is None:
-                if f"pair:{s.name}" not in pair_results:
-                    ctx.fail(ctx.layout.cleaned(1, True, s.name), f"{s.label}: no registration onto its "
-                             "previous section (see the error above); the stack is not composed")
-                    return None
-                link["pairwise"] = str(ctx.layout.pairwise_transform(s.name))
-        chain.append(link)
+    overridden = set()
+    pairs = []
+    for index, s in enumerate(available[1:], start=1):
+        row = manual.get(s.channel1_id)
+        if row is not None and row.FK_fixed_section_id == available[index - 1].channel1_id:
+            pairs.append({"fixed": available[index - 1].name, "moving": s.name, "step": 1,
+                          "manual": [row.rotation, row.xshift, row.yshift]})
+            overridden.add(s.name)
+        elif row is not None:
+            ctx.log.warning("align: the manual transform of %s was made against another neighbour; ignored", s.label)
+    missing = []
+    for step, fixed, moving in _neighbour_pairs(available):
+        if moving.name in overridden:
+            continue
+        if _pair_key(step, moving.name) in pair_results:
+            pairs.append({"fixed": fixed.name, "moving": moving.name, "step": step,
+                          "pairwise": str(ctx.layout.pairwise_transform(moving.name, step))})
+        else:
+            missing.append(moving)
     reference = available[len(available) // 2].name
     canvas = list(read_image(ctx.layout.cleaned(1, True, reference)).shape[:2])
     outputs = {s.name: str(ctx.layout.section_transform(s.name)) for s in available}
-    inputs = [Path(link["pairwise"]) for link in chain if link["pairwise"]]
+    cleaned = {s.name: str(ctx.layout.cleaned(1, True, s.name)) for s in available}
+    inputs = [Path(p["pairwise"]) for p in pairs if "pairwise" in p] + [Path(p) for p in cleaned.values()]
     task = Task(key="compose", func=compose_task,
-                kwargs={"chain": chain, "reference": reference, "canvas": canvas, "outputs": outputs},
+                kwargs={"sections": [s.name for s in available], "pairs": pairs, "cleaned": cleaned,
+                        "reference": reference, "canvas": canvas, "outputs": outputs},
                 inputs=inputs, outputs=[Path(p) for p in outputs.values()],
-                params={"chain": [{k: v for k, v in link.items() if k != "pairwise"} for link in chain],
-                        "reference": reference, "canvas": canvas}, label=str(ctx.layout.transforms_dir))
-    if "compose" not in ctx.execute([task], desc="compose transforms"):
+                params={"pairs": [{k: v for k, v in p.items() if k != "pairwise"} for p in pairs],
+                        "reference": reference, "canvas": canvas, "method": "pose graph, centroid anchors"},
+                label=str(ctx.layout.transforms_dir))
+    if missing:
+        ctx.log.warning("align: %d registrations failed (see the errors above); the poses are solved from the others",
+                        len(missing))
+    results = ctx.execute([task], desc="compose transforms")
+    if "compose" not in results:
         return None
     return {s.name: ctx.layout.section_transform(s.name) for s in available}
 
