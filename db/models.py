@@ -333,6 +333,34 @@ class PipelineRun(Base):
         return f"PipelineRun(id={self.id}, {self.stage!r}, {self.FK_prep_id!r}, {self.status!r})"
 
 
+class StageLock(Base):
+    """The runner that holds an animal's stage (one row while it runs): acquired by INSERT, so
+    the primary key makes one of two concurrent runners fail, on SQLite and MySQL alike and
+    across machines. `channel` 0 / `resolution` 'any' mean every channel / resolution (for a
+    stage whose files do not depend on them). `db.locks` takes, refreshes and releases it."""
+
+    __tablename__ = "stage_lock"
+
+    FK_prep_id: Mapped[str] = mapped_column(String(20), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(40), primary_key=True)
+    channel: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    resolution: Mapped[str] = mapped_column(String(10), primary_key=True)
+    token: Mapped[str] = mapped_column(String(32))
+    """Random per acquisition: refresh, release and takeover change the row only while it holds."""
+    # Not a foreign key: the lock is taken before the holder's run row is written.
+    FK_pipeline_run_id: Mapped[int | None] = mapped_column(Integer)
+    user: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    acquired: Mapped[datetime] = mapped_column(Timestamp)
+    heartbeat: Mapped[datetime] = mapped_column(Timestamp)
+    lease_seconds: Mapped[int] = mapped_column(Integer)
+    """The holder's lease: without a heartbeat for this long it may be taken over."""
+
+    def __repr__(self) -> str:
+        return f"StageLock({self.FK_prep_id!r}, {self.stage!r}, C{self.channel}, {self.resolution!r}, run {self.FK_pipeline_run_id})"
+
+
 file_input = Table(
     "file_input",
     Base.metadata,

@@ -34,3 +34,8 @@ class UsageError(SlidepipeError):
 class DatabaseError(ConfigError):
     """The database failed while a command used it (disk full, locked, server gone): one line
     naming the database (password hidden) and the driver's reason; the CLI exits with status 3."""
+
+
+class StageBusy(SlidepipeError):
+    """Another live runner holds the animal's stage (`db.locks`): the CLI prints the one line
+    naming it and exits with status 4, so a script can tell "try later" from a failure."""

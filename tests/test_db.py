@@ -40,6 +40,7 @@ TABLES = {
     "pipeline_run",
     "file_log",
     "file_input",
+    "stage_lock",
 }
 
 
