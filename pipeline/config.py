@@ -31,6 +31,7 @@ class Settings:
     queue_url: str | None = None
     debug: bool = False
     cors_origins: str | None = None  # `serve`: extra web origins that may read the data, or "*" (apache.common.CorsPolicy)
+    lock_lease_seconds: int = 300  # a stage's lock is taken over after this long without a heartbeat (db.locks)
 
     @property
     def database_url(self) -> str:
@@ -77,6 +78,8 @@ class Settings:
         settings = replace(self, **converted)
         if settings.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {settings.workers}")
+        if settings.lock_lease_seconds < 1:
+            raise ConfigError(f"lock_lease_seconds must be >= 1, got {settings.lock_lease_seconds}")
         if settings.db_url:
             try:
                 make_url(settings.db_url)
@@ -88,11 +91,11 @@ class Settings:
 def _convert(name: str, value: Any) -> Any:
     if name == "data_root":
         return Path(value)
-    if name == "workers":
+    if name in ("workers", "lock_lease_seconds"):
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"workers must be an integer, got {value!r}") from None
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
     if name == "debug":
         if isinstance(value, str):
             return value.strip().lower() in {"1", "true", "yes", "on"}

@@ -31,6 +31,7 @@ SUBCOMMANDS = ("sample", "serve", "worker", "tiff2omezarr", "how")
 EXIT_TASK_FAILED = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
+EXIT_BUSY = 4  # another live runner holds the stage (db.locks): try again later
 
 log = logging.getLogger("slidepipe")
 
@@ -116,8 +117,8 @@ def setup_logging(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status 0 done, 1 a task or file failed, 2 usage error, 3 settings or database unusable;
-    every error is one line on stderr (tracebacks only with --debug)."""
+    """Exit status 0 done, 1 a task or file failed, 2 usage error, 3 settings or database unusable,
+    4 another runner holds the stage; every error is one line on stderr (tracebacks only with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in SUBCOMMANDS:
@@ -180,7 +181,8 @@ def _run_task(engine, settings: Settings, args) -> int:
         # Pages link what was published: refresh them only when the stage published ('all' ends with web
         # anyway). After a failure the stage's own run stays the last one recorded, so `status` shows it.
         if getattr(module, "REFRESH_PAGES", False) and args.task != "all" and code == 0:
-            code = run_stage(stage_module("web"), engine, settings, args, 1)
+            # Another channel's publish may be refreshing them right now: wait for it, then refresh again.
+            code = run_stage(stage_module("web"), engine, settings, args, 1, wait_for_lock=settings.lock_lease_seconds)
         if code and args.task == "all":
             print(f"stopping 'all' after {name} failed", file=sys.stderr)
             break
@@ -210,7 +212,22 @@ def _apply_scan_run_flags(engine, args) -> None:
         ensure_scan_run(session, args.animal, fields=fields)
 
 
-def run_stage(module, engine, settings: Settings, args, channel: int) -> int:
+def run_stage(module, engine, settings: Settings, args, channel: int, wait_for_lock: float = 0) -> int:
+    """Run one stage for one channel under its lock (`db.locks`): refused with EXIT_BUSY while
+    another live runner holds it, released however the run ends."""
+    from pipeline.errors import StageBusy
+    from pipeline.runner import StageLease, lock_key
+
+    key = lock_key(module, args.animal, channel, "thumbnail" if args.downsample else "full")
+    try:
+        with StageLease(engine, key, settings.lock_lease_seconds, wait_seconds=wait_for_lock) as lease:
+            return _run_locked(module, engine, settings, args, channel, lease)
+    except StageBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+
+
+def _run_locked(module, engine, settings: Settings, args, channel: int, lease) -> int:
     from pipeline.runner import StageContext, finish_run, start_run
 
     name = module.NAME
@@ -220,8 +237,9 @@ def run_stage(module, engine, settings: Settings, args, channel: int) -> int:
     resolution = "thumbnail" if args.downsample else "full"
     command = "create_pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_id = start_run(engine, animal=args.animal, stage=name, channel=channel, resolution=resolution, params=params, command=command)
+    lease.attach(run_id)
     ctx = StageContext(settings=settings, engine=engine, animal=args.animal, stage=name, version=module.VERSION,
-                       channel=channel, downsample=args.downsample, params=params, args=args, run_id=run_id)
+                       channel=channel, downsample=args.downsample, params=params, args=args, run_id=run_id, lease=lease)
     extra = None
     try:
         module.run(ctx)

@@ -19,6 +19,8 @@ import os
 import platform
 import socket
 import sys
+import threading
+import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -31,13 +33,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from tqdm import tqdm
 
+from db import locks
 from db.models import FileLog, PipelineRun
 from db.queries import current_file
 from db.session import session_scope
 from pipeline import __version__
 from pipeline.atomic import pid_alive, remove_stale_temps, sha256_file
 from pipeline.config import Settings
-from pipeline.errors import SlidepipeError
+from pipeline.errors import SlidepipeError, StageBusy, StageError
 from pipeline.layout import AnimalLayout, resolution_name
 
 log = logging.getLogger("slidepipe")
@@ -173,6 +176,7 @@ class StageContext:
         params: Mapping[str, Any] | None = None,
         args: Any = None,
         run_id: int | None = None,
+        lease: "StageLease | None" = None,
     ):
         self.settings = settings
         self.engine = engine
@@ -185,6 +189,7 @@ class StageContext:
         self.args = args
         self.layout = AnimalLayout(settings.data_root, animal)
         self.run_id = run_id
+        self.lease = lease
         self.failures: list[TaskFailure] = []
         self._unchanged_cache: dict[tuple[str, int], bool] = {}
         self._stale_cache: dict[int, tuple[Path, str] | None] = {}
@@ -336,6 +341,8 @@ class StageContext:
         failure.report()
 
     def _finish(self, task: Task, fp: str, input_ids: list[int], outcome, results: dict) -> None:
+        if self.lease is not None:
+            self.lease.check()  # a runner that lost its lock must not record files another one is making
         if outcome[0] == "error":
             _, where, reason = outcome
             self._record_failure(TaskFailure(task.key, where, reason))
@@ -462,3 +469,80 @@ def finish_run(engine, run_id: int, failures: Sequence[TaskFailure], extra_error
         run.status = "failed" if lines else "success"
         run.error = "\n".join(lines) if lines else None
         run.ended = dt.datetime.now()
+
+
+# ----------------------------------------------------------------------------------------
+# one runner per animal, stage, channel and resolution
+def lock_key(module, animal: str, channel: int, resolution: str) -> locks.LockKey:
+    """The lock a run of `module` takes. A stage whose files do not depend on the channel or the
+    resolution (extract makes every channel and both resolutions) names fewer in `LOCK_BY`, so
+    its runs exclude each other whatever --channel / --downsample say."""
+    by = getattr(module, "LOCK_BY", ("channel", "resolution"))
+    return locks.LockKey(animal, module.NAME,
+                         channel if "channel" in by else locks.EVERY_CHANNEL,
+                         resolution if "resolution" in by else locks.EVERY_RESOLUTION)
+
+
+class StageLease:
+    """Holds a stage's lock while a run works (`with StageLease(...) as lease:`).
+
+    A daemon thread renews the heartbeat every fifth of the lease, so a long task does not lose
+    the lock; it only touches the `stage_lock` row, never the stage's files. When the renewal
+    finds the lock taken over (our lease ran out, e.g. the machine was suspended), `check`
+    raises in the main thread before the next result is recorded. `wait_seconds`: how long to
+    retry while another live runner holds it (0: refuse at once with `StageBusy`).
+    """
+
+    def __init__(self, engine, key: locks.LockKey, lease_seconds: int, wait_seconds: float = 0):
+        self.engine = engine
+        self.key = key
+        self.lease_seconds = lease_seconds
+        self.wait_seconds = wait_seconds
+        self.grant: locks.Grant | None = None
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "StageLease":
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            try:
+                self.grant = locks.acquire(self.engine, self.key, lease_seconds=self.lease_seconds)
+                break
+            except StageBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(1)
+        if self.grant.took_over:
+            log.warning("took over the lock of %s from %s", self.key.describe(), self.grant.took_over)
+        self._thread = threading.Thread(target=self._beat, name="stage-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def attach(self, run_id: int) -> None:
+        """Name the run that holds the lock (it is written after the lock is taken)."""
+        if not locks.refresh(self.engine, self.grant, run_id=run_id):
+            self.lost = True
+
+    def check(self) -> None:
+        if self.lost:
+            raise StageError(f"lost the lock of {self.key.describe()}: another runner took it over after this one's "
+                             f"{self.lease_seconds} s lease expired without a heartbeat")
+
+    def _beat(self) -> None:
+        interval = max(0.1, self.lease_seconds / 5)
+        while not self._stop.wait(interval):
+            try:
+                if not locks.refresh(self.engine, self.grant):
+                    self.lost = True
+                    return
+            except Exception as exc:  # the database away for a moment: the lease allows a few misses
+                log.warning("could not renew the lock of %s: %s", self.key.describe(), exc)
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        # Also on failure and Ctrl-C; a database that is gone leaves the row to expire.
+        with contextlib.suppress(Exception):
+            locks.release(self.engine, self.grant)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 from alembic import command
@@ -14,7 +19,9 @@ from db import locks
 from db.locks import LockKey
 from db.models import PipelineRun, StageLock
 from db.session import alembic_config, init_db, session_scope
-from pipeline.errors import StageBusy
+from pipeline.errors import StageBusy, StageError
+from pipeline.runner import StageLease
+from tests.test_section_identity import REPO, copy_sample, run_cli, tiny_sample  # noqa: F401 (fixture)
 
 KEY = LockKey("DEMO", "clean", 1, "thumbnail")
 DEAD_PID = 999999999  # above pid_max: no such process
@@ -120,3 +127,115 @@ def test_concurrent_acquire_exactly_one_wins(db_url):
     with ctx.Pool(4) as pool:
         outcomes = pool.map(_race, [db_url] * 4)
     assert sorted(outcomes) == ["got", "refused", "refused", "refused"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the lease the runner holds
+
+
+def test_heartbeat_keeps_a_long_run_its_lock(engine):
+    with StageLease(engine, KEY, lease_seconds=1):
+        time.sleep(1.6)  # longer than the lease: only the heartbeat thread keeps it fresh
+        with pytest.raises(StageBusy):
+            locks.acquire(engine, KEY, lease_seconds=1, who=("bob", "other-host", 1))
+    with session_scope(engine) as s:
+        assert locks.held_locks(s, "DEMO") == []  # released on leaving
+
+
+def test_a_run_that_lost_its_lock_stops_recording(engine):
+    with StageLease(engine, KEY, lease_seconds=1) as lease:
+        with session_scope(engine) as s:  # as if its lease had run out and another runner took over
+            s.execute(update(StageLock).values(token="someone-else"))
+        deadline = time.monotonic() + 5
+        while not lease.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(StageError, match="lost the lock of clean of DEMO"):
+            lease.check()
+    with session_scope(engine) as s:  # the new holder's row is not released by the loser
+        assert [row.token for row in locks.held_locks(s, "DEMO")] == ["someone-else"]
+
+
+def test_lease_is_released_on_keyboard_interrupt(engine):
+    with pytest.raises(KeyboardInterrupt):
+        with StageLease(engine, KEY, lease_seconds=300):
+            raise KeyboardInterrupt
+    with session_scope(engine) as s:
+        assert locks.held_locks(s, "DEMO") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# through the command line
+
+
+def _start_extract(root, db_url) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-m", "pipeline", "--animal", "DEMO", "--task", "extract", "--data-root", str(root),
+                             "--db-url", db_url, "--workers", "2"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _lock_of_running(proc: subprocess.Popen, db_url: str) -> StageLock:
+    """The extract lock once `proc` holds it and has named its run (polled; extract of the tiny
+    sample holds it for about a second)."""
+    engine = init_db(db_url)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with session_scope(engine) as s:
+                row = s.scalars(select(StageLock).where(StageLock.stage == "extract")).one_or_none()
+            if row is not None and row.FK_pipeline_run_id is not None:
+                return row
+            time.sleep(0.005)
+    finally:
+        engine.dispose()
+    raise AssertionError(f"extract never held its lock: {proc.communicate()}")
+
+
+def _extract_runs(db_url: str) -> list[tuple[int, str]]:
+    engine = init_db(db_url)
+    try:
+        with session_scope(engine) as s:
+            return [(r.id, r.status) for r in s.scalars(select(PipelineRun).where(PipelineRun.stage == "extract").order_by(PipelineRun.id))]
+    finally:
+        engine.dispose()
+
+
+def test_second_runner_is_refused_while_the_first_runs(tiny_sample, tmp_path, db_url):
+    root = copy_sample(tiny_sample, tmp_path)
+    first = _start_extract(root, db_url)
+    try:
+        row = _lock_of_running(first, db_url)
+        os.killpg(first.pid, signal.SIGSTOP)  # keep it mid-run, holding the lock, while the second one starts
+        assert first.poll() is None
+        second = run_cli(root, db_url, "extract", "--downsample", "false")  # extract's lock covers both resolutions
+        user, host, _ = locks.identity()
+        assert second.returncode == 4, second.stderr
+        lines = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1
+        assert (f"error: extract of DEMO (every channel, every resolution) is held by pipeline_run {row.FK_pipeline_run_id} "
+                f"(user {user}, host {host}, pid {first.pid}) since {row.acquired:%Y-%m-%d %H:%M:%S}") in lines[0]
+    finally:
+        os.killpg(first.pid, signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert _extract_runs(db_url) == [(row.FK_pipeline_run_id, "success")]  # exactly one ran
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        assert locks.held_locks(s, "DEMO") == []
+    engine.dispose()
+
+
+def test_lock_of_a_killed_runner_is_taken_over(tiny_sample, tmp_path, db_url):
+    root = copy_sample(tiny_sample, tmp_path)
+    killed = _start_extract(root, db_url)
+    row = _lock_of_running(killed, db_url)
+    os.killpg(killed.pid, signal.SIGKILL)  # the runner and its pool: nothing runs a finally
+    killed.communicate()
+    rerun = run_cli(root, db_url, "extract")
+    assert rerun.returncode == 0, rerun.stderr
+    assert (f"took over the lock of extract of DEMO (every channel, every resolution) from pipeline_run "
+            f"{row.FK_pipeline_run_id}") in rerun.stderr
+    assert f"its process {killed.pid} on {socket.gethostname()} is gone" in rerun.stderr
+    assert "0 failed" in rerun.stderr
+    runs = _extract_runs(db_url)
+    assert runs[0] == (row.FK_pipeline_run_id, "failed") and runs[-1][1] == "success" and len(runs) == 2

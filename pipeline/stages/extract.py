@@ -34,6 +34,7 @@ from pipeline.stages.section_files import TILE, write_image, write_png, write_ti
 
 NAME = "extract"
 VERSION = 1
+LOCK_BY = ()  # one extract per animal: it writes every channel at both resolutions (runner.lock_key)
 
 CZI_SUFFIXES = (".czi",)
 BAND_ROWS = 1024  # a multiple of the TIFF tile height and of the thumbnail factor

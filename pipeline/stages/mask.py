@@ -21,6 +21,7 @@ from pipeline.runner import StageContext, Task
 
 NAME = "mask"
 VERSION = 1
+LOCK_BY = ("resolution",)  # the masks serve every channel (runner.lock_key)
 PER_CHANNEL = False
 
 MASKERS = ("classical",)

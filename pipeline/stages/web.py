@@ -10,6 +10,7 @@ from pipeline.runner import StageContext
 
 NAME = "web"
 VERSION = 1
+LOCK_BY = ()  # one page writer per animal, whatever channel or resolution it was started for (runner.lock_key)
 PER_CHANNEL = False
 
 
