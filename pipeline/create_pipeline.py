@@ -160,9 +160,10 @@ def _stages(argv: list[str]) -> int:
 def _run_task(engine, settings: Settings, args) -> int:
     _apply_scan_run_flags(engine, args)
     if args.task in (None, "status"):
-        from pipeline.stages.status import print_status
+        from pipeline.stages.status import StageInfo, print_status
 
-        print_status(engine, settings, args.animal)
+        chain = [StageInfo.of(module) for module in map(stage_module, STAGES) if module is not None]
+        print_status(engine, settings, args.animal, chain)
         return 0
     names = STAGES if args.task == "all" else [args.task]
     code = 0
