@@ -322,6 +322,8 @@ class PipelineRun(Base):
     """'running', 'success' or 'failed'."""
     error: Mapped[str | None] = mapped_column(LongText)
     """One line per failed task: '<file>: <reason>'."""
+    summary: Mapped[str | None] = mapped_column(LongText)
+    """JSON: what the stage found beyond the counts (`StageContext.summarise`), e.g. align's QC."""
     tasks_total: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     tasks_run: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     tasks_skipped: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))

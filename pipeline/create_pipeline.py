@@ -248,7 +248,7 @@ def _run_locked(module, engine, settings: Settings, args, channel: int, lease) -
         extra = str(exc)
     except KeyboardInterrupt:
         extra = "interrupted"
-        finish_run(engine, run_id, ctx.failures, extra)
+        finish_run(engine, run_id, ctx.failures, extra, ctx.summary)
         raise
     except Exception as exc:
         from db.session import DATABASE_FAILURES, database_error
@@ -262,12 +262,14 @@ def _run_locked(module, engine, settings: Settings, args, channel: int, lease) -
         extra = f"{type(exc).__name__}: {exc}"
         if settings.debug:
             traceback.print_exc()
-    finish_run(engine, run_id, ctx.failures, extra)
+    finish_run(engine, run_id, ctx.failures, extra, ctx.summary)
     c = ctx.counts
     # Each task failure was printed once, as it happened (TaskFailure.report); the summary counts them.
     summary = (f"{name} (channel {channel}, {resolution}): {c['tasks_run']} run, {c['tasks_skipped']} already done, "
                f"{c['tasks_failed']} failed [pipeline_run {run_id}]")
     print(summary, file=sys.stderr)
+    for note in ctx.notes:
+        print(f"  {note}", file=sys.stderr)
     if extra:
         print(f"error: {extra}", file=sys.stderr)
     return EXIT_TASK_FAILED if (extra or ctx.failures) else 0

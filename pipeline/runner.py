@@ -194,6 +194,8 @@ class StageContext:
         self._unchanged_cache: dict[tuple[str, int], bool] = {}
         self._stale_cache: dict[int, tuple[Path, str] | None] = {}
         self.counts = {"tasks_total": 0, "tasks_run": 0, "tasks_skipped": 0, "tasks_failed": 0}
+        self.summary: dict[str, Any] = {}
+        self.notes: list[str] = []
         self.log = log
 
     @property
@@ -204,6 +206,13 @@ class StageContext:
     def session(self) -> Iterator[Session]:
         with session_scope(self.engine) as session:
             yield session
+
+    def summarise(self, key: str, data: Any, note: str | None = None) -> None:
+        """Record what the stage found (JSON-able `data`, in `pipeline_run.summary` under `key`);
+        `note`, if given, is printed after the stage's summary line."""
+        self.summary[key] = data
+        if note:
+            self.notes.append(note)
 
     def fail(self, where: str | Path, reason: str) -> None:
         """Record a failure found by the stage itself (not by a task), e.g. a gap in a series."""
@@ -460,9 +469,12 @@ def start_run(engine, *, animal: str | None, stage: str, channel: int | None, re
         return run.id
 
 
-def finish_run(engine, run_id: int, failures: Sequence[TaskFailure], extra_error: str | None = None) -> None:
+def finish_run(engine, run_id: int, failures: Sequence[TaskFailure], extra_error: str | None = None,
+               summary: Mapping[str, Any] | None = None) -> None:
     with session_scope(engine) as session:
         run = session.get(PipelineRun, run_id)
+        if summary:
+            run.summary = json.dumps(dict(summary), sort_keys=True, default=str)
         lines = [f.line() for f in failures]
         if extra_error:
             lines.append(extra_error)

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.errors import SlidepipeError
 from pipeline.imaging.pose_graph import Anchor, Pair, pair_discrepancy, solve_poses
-from pipeline.imaging.qc import dips, flag_sections
+from pipeline.imaging.qc import dips, flag_sections, misfit
 from pipeline.imaging.transforms import compose_to_reference, rigid_matrix
 
 CENTER, RADIUS = (50.0, 40.0), 25.0
@@ -165,3 +165,16 @@ def test_similarity_dips_are_flagged():
     names = [f"{i:03d}" for i in range(values.size)]
     flags = flag_sections(names, np.full(values.size, 0.2), values)
     assert list(flags) == ["004"] and "worse than the stack" in flags["004"]
+
+
+def test_wrong_tissue_that_registers_consistently_is_flagged_by_its_neighbours_across_it():
+    """Adjacent sections match better than sections two apart; a section of wrong tissue matches
+    both neighbours worse than they match each other across it (NCC as registered)."""
+    adjacent = np.array([0.9, 0.92, 0.5, 0.55, 0.91, 0.9])  # NCC(i, i+1): section 3 is wrong
+    across = np.array([0.85, 0.86, 0.8, 0.84, 0.86])  # NCC(i, i+2)
+    values = np.full(7, np.nan)
+    values[1:-1] = misfit(adjacent[:-1], adjacent[1:], across)
+    names = [f"{i:03d}" for i in range(7)]
+    flags = flag_sections(names, np.full(7, 0.2), misfits=values)
+    assert np.nanmax(np.delete(values, 3)) < 0 < values[3]
+    assert list(flags) == ["003"] and "neighbours match each other better" in flags["003"]

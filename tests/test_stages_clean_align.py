@@ -387,6 +387,49 @@ def test_registration_recovers_the_true_relative_transforms(small_processed):
     assert rms["pose solve"] < rms["chained"]
 
 
+@pytest.mark.slow
+def test_a_corrupted_section_is_flagged_and_does_not_move_its_neighbours(small_processed, tmp_path, capsys):
+    """Issue 10: one section's cleaned thumbnail holds the wrong tissue (another section's, mirrored
+    and shifted). Through the command line: align names it (summary line with the manual override
+    command, pipeline_run.summary) and the other sections' poses stay where they were."""
+    base_root, base_db = small_processed
+    root = tmp_path / "copy"
+    shutil.copytree(base_root, root)
+    db_url = f"sqlite:///{root / 'slidepipe.db'}"
+    layout, base = AnimalLayout(root, "DEMO"), AnimalLayout(base_root, "DEMO")
+    n = keys(db_url)
+    assert json.loads(last_run(base_db, "align").summary)["alignment_qc"]["flagged"] == {}
+    bad, donor = 10, 30  # the reference is section 20
+    wrong = np.roll(np.fliplr(read(layout.cleaned(1, True, n[donor]))), (3, -4), axis=(0, 1))
+    tifffile.imwrite(layout.cleaned(1, True, n[bad]), wrong)
+    record_outputs(db_url, root, [layout.cleaned(1, True, n[bad])], stage="clean")
+    capsys.readouterr()
+    assert cli(root, db_url, "align") == 0
+    err = capsys.readouterr().err
+    qc = json.loads(last_run(db_url, "align").summary)["alignment_qc"]
+    assert list(qc["flagged"]) == [n[bad]], qc["flagged"]
+    command = f"create_pipeline --animal DEMO --task align --section {n[bad]} --rotation "
+    assert qc["commands"][n[bad]].startswith(command)
+    assert f"look at 1 section(s): {n[bad]}; " in err and command in err, err
+    canvas = read(layout.cleaned(1, True, n[0])).shape
+    moved = {}
+    for i, name in enumerate(n):
+        if i == bad:
+            continue
+        before = np.array(json.loads(base.section_transform(name).read_text())["matrix"])
+        after = np.array(json.loads(layout.section_transform(name).read_text())["matrix"])
+        yy, xx = np.nonzero(read(base.aligned(1, True, name)))
+        points = np.stack([xx, yy, np.ones_like(xx)]).astype(float)
+        moved[i] = float(np.sqrt(((after @ points - before @ points)[:2] ** 2).sum(axis=0).mean()))
+    others = [v for k, v in qc["misfit_ncc"].items() if k != n[bad] and v is not None]
+    print(f"corrupted section {bad}: disagreement {qc['disagreement_px'][n[bad]]:.2f} px (median of the others "
+          f"{np.median([v for k, v in qc['disagreement_px'].items() if k != n[bad]]):.2f}), misfit NCC "
+          f"{qc['misfit_ncc'][n[bad]]:+.2f} (others {min(others):+.2f} .. {max(others):+.2f}); the other sections moved by "
+          f"at most {max(moved.values()):.3f} px (its neighbours: "
+          + ", ".join(f"{i}: {moved[i]:.3f}" for i in (bad - 2, bad - 1, bad + 1, bad + 2)) + f"), canvas {canvas}")
+    assert max(moved.values()) < 1.0
+
+
 def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_path, sqlite_url):
     root, layout, n = aligned_copy(tiny_sample, tmp_path, sqlite_url)
     count = len(n)

@@ -48,13 +48,37 @@ def high_outliers(values: np.ndarray, limit: float = DISAGREEMENT_PX, spread: fl
         return finite & (values > limit) & (values > median + spread * max(sigma, 0.05))
 
 
-def flag_sections(names: list[str], disagreement: np.ndarray, similarity: np.ndarray | None = None) -> dict[str, str]:
+MISFIT_NCC = 0.05
+"""A section is flagged when its two neighbours, registered across it (k-2), match each other
+better than either matches it by more than this NCC (see `misfit`)."""
+
+
+def misfit(before: np.ndarray, after: np.ndarray, across: np.ndarray) -> np.ndarray:
+    """Per section i: NCC(i-1, i+1) - max(NCC(i-1, i), NCC(i, i+1)), as registered (NaN where a
+    pair is missing). Anatomy changes along the stack, so a section normally matches each
+    neighbour better than they match each other (< 0; -0.41 .. -0.02 on the sample). Wrong tissue
+    whose registrations still agree with each other (nothing for the pose solve to outvote)
+    matches both neighbours worse than they match across it (+0.16 for a mirrored section from
+    elsewhere in the sample). Needs both neighbours: the first and last sections get NaN."""
+    before, after, across = (np.asarray(v, dtype=float) for v in (before, after, across))
+    return across - np.maximum(before, after)
+
+
+def flag_sections(names: list[str], disagreement: np.ndarray, similarity: np.ndarray | None = None,
+                  misfits: np.ndarray | None = None) -> dict[str, str]:
     """name -> why it should be looked at. `similarity` (higher is better, NaN where there is no
-    pair) is per section against its previous neighbour, e.g. minus the registration metric."""
+    pair) is per section against its previous neighbour, e.g. minus the registration metric;
+    `misfits` per section from `misfit`."""
     flags: dict[str, list[str]] = {}
     for i in np.flatnonzero(high_outliers(disagreement)):
         flags.setdefault(names[i], []).append(
             f"its registrations disagree with the rest of the stack by {disagreement[i]:.1f} px")
+    if misfits is not None:
+        misfits = np.asarray(misfits, dtype=float)
+        with np.errstate(invalid="ignore"):
+            for i in np.flatnonzero(np.isfinite(misfits) & (misfits > MISFIT_NCC)):
+                flags.setdefault(names[i], []).append(
+                    f"its neighbours match each other better (NCC +{misfits[i]:.2f}) than either matches it")
     if similarity is not None:
         similarity = np.asarray(similarity, dtype=float)
         defined = np.isfinite(similarity)

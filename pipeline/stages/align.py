@@ -90,12 +90,13 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
     section's cleaned channel-1 thumbnail gives its tissue centroid, a weak anchor that keeps the
     stack from wandering (measured best on the sample, docs/processing.md)."""
     from pipeline.imaging.pose_graph import Pair, anchor_of, rms_radius, solve_poses
+    from pipeline.imaging.qc import flag_sections, misfit
     from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
     from pipeline.stages.section_files import read_image
 
     center = canvas_center(tuple(canvas))
     index = {name: i for i, name in enumerate(sections)}
-    graph, sources = [], {}
+    graph, sources, ncc = [], {}, {}
     for pair in pairs:
         if pair.get("manual") is not None:
             matrix, hard, source = rigid_matrix(*pair["manual"], center), True, "manual"
@@ -106,6 +107,8 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
                                      f"{pair['fixed']}->{pair['moving']}", pair["pairwise"])
             matrix = rigid_matrix(data["rotation"], data["xshift"], data["yshift"], center)
             hard, source = False, data["backend"]
+            if data.get("start", {}).get("final_score") is not None:
+                ncc[(pair["fixed"], pair["moving"])] = float(data["start"]["final_score"])
         graph.append(Pair(index[pair["fixed"]], index[pair["moving"]], matrix, hard=hard))
         if pair["step"] == 1:
             sources[pair["moving"]] = source
@@ -140,8 +143,24 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
                   "weight": float(w), "outvoted": bool(o)}
                  for p, r, w, o in zip([q for q in pairs if q.get("manual") is None], solution.pair_residual,
                                        solution.pair_weight, solution.outvoted)]
+    # what the stack uses now for each section onto its previous one: the start of a manual fix
+    relative = {}
+    for previous, name in zip(sections, sections[1:]):
+        rotation, xshift, yshift = rigid_parameters(
+            solution.poses[index[name]] @ np.linalg.inv(solution.poses[index[previous]]), center)
+        relative[name] = [float(np.rad2deg(rotation)), xshift, yshift]
+    # the registration metric is not compared along the stack: mutual information falls towards the
+    # ends of a brain and flagged a good section of the sample; the neighbours across a section are
+    def score(a, b):
+        return ncc.get((a, b), np.nan)
+
+    triples = list(zip(sections, sections[1:], sections[2:]))
+    misfits = np.array([np.nan] + [float(misfit(score(a, b), score(b, c), score(a, c))) for a, b, c in triples]
+                       + [np.nan])[:len(sections)]
+    flags = flag_sections(list(sections), solution.section_disagreement, misfits=misfits)
     return {"reference": reference, "order": list(sections), "transforms": summary, "disagreement": disagreement,
-            "pairs": residuals}
+            "misfit": {name: None if not np.isfinite(v) else float(v) for name, v in zip(sections, misfits)},
+            "pairs": residuals, "flags": flags, "relative": relative}
 
 
 def warp_thumbnail(source: str, transform: str, output: str) -> dict:
@@ -331,7 +350,8 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
                         "reference": reference, "canvas": canvas, "outputs": outputs},
                 inputs=inputs, outputs=[Path(p) for p in outputs.values()],
                 params={"pairs": [{k: v for k, v in p.items() if k != "pairwise"} for p in pairs],
-                        "reference": reference, "canvas": canvas, "method": "pose graph, centroid anchors"},
+                        "reference": reference, "canvas": canvas, "method": "pose graph, centroid anchors",
+                        "qc": "qc.flag_sections: disagreement, misfit"},
                 label=str(ctx.layout.transforms_dir))
     if missing:
         ctx.log.warning("align: %d registrations failed (see the errors above); the poses are solved from the others",
@@ -339,7 +359,38 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
     results = ctx.execute([task], desc="compose transforms")
     if "compose" not in results:
         return None
+    _report_qc(ctx, available, results["compose"])
     return {s.name: ctx.layout.section_transform(s.name) for s in available}
+
+
+def _report_qc(ctx: StageContext, available, result: dict) -> None:
+    """The sections to look at (`qc.flag_sections` on the pose solve), in pipeline_run.summary,
+    a warning, and a note under the stage's summary line with the command that places one by hand."""
+    flags = result.get("flags") or {}
+    outvoted = [f"{p['fixed']}->{p['moving']}" for p in result.get("pairs", []) if p["outvoted"]]
+    by_name = {s.name: s for s in available}
+    commands = {}
+    order = result.get("order", [])
+    for name in flags:
+        # the first section has no previous one: its next section is placed onto it instead
+        target = name if name in result["relative"] else (order[1] if len(order) > 1 else None)
+        if target is None or target not in result["relative"]:
+            continue
+        rotation, xshift, yshift = result["relative"][target]
+        commands[name] = (f"create_pipeline --animal {ctx.animal} --task align --section {target} "
+                          f"--rotation {rotation:.2f} --xshift {xshift:.2f} --yshift {yshift:.2f}")
+    ctx.summarise("alignment_qc", {"flagged": flags, "commands": commands, "outvoted_pairs": outvoted,
+                                   "disagreement_px": result.get("disagreement", {}),
+                                   "misfit_ncc": result.get("misfit", {})},
+                  note=None if not flags else (
+                      f"look at {len(flags)} section(s): {', '.join(flags)}; place one by hand onto its previous "
+                      f"section (its current transform, in degrees and thumbnail px, to adjust): "
+                      + "; ".join(commands.values()) + " (then run --task align again)"))
+    for name, reason in flags.items():
+        ctx.log.warning("align: look at %s: %s%s", by_name[name].label, reason,
+                        f" (to place it by hand: {commands[name]})" if name in commands else "")
+    if outvoted:
+        ctx.log.info("align: registrations outvoted by the others: %s", ", ".join(outvoted))
 
 
 def _warp(ctx: StageContext, available, transforms: dict[str, Path]) -> None:
