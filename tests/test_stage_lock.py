@@ -239,3 +239,17 @@ def test_lock_of_a_killed_runner_is_taken_over(tiny_sample, tmp_path, db_url):
     assert "0 failed" in rerun.stderr
     runs = _extract_runs(db_url)
     assert runs[0] == (row.FK_pipeline_run_id, "failed") and runs[-1][1] == "success" and len(runs) == 2
+
+
+def test_a_waiting_lease_gets_the_lock_once_the_holder_releases(engine):
+    """The pages refresh after neuroglancer/omezarr waits for another runner's refresh."""
+    holder = locks.acquire(engine, KEY, lease_seconds=300, who=("ann", "other-host", 1))
+    with pytest.raises(StageBusy):
+        with StageLease(engine, KEY, lease_seconds=300):
+            pass
+    import threading
+
+    threading.Timer(1.0, locks.release, (engine, holder)).start()
+    started = time.monotonic()
+    with StageLease(engine, KEY, lease_seconds=300, wait_seconds=30) as lease:
+        assert lease.grant.took_over is None and time.monotonic() - started >= 1.0

@@ -14,7 +14,7 @@ from db.locks import LockKey
 from db.models import PipelineRun
 from db.session import init_db
 from pipeline.layout import AnimalLayout
-from pipeline.stages.status import RunFacts, StageInfo, next_step, task_counts
+from pipeline.stages.status import RunFacts, StageInfo, next_step, not_run, task_counts
 from tests.test_section_identity import copy_sample, run_cli, tiny_sample  # noqa: F401 (fixture)
 
 CHAIN = [StageInfo("extract", by_channel=False, by_resolution=False), StageInfo("mask", by_channel=False),
@@ -42,7 +42,10 @@ def test_next_step_walks_the_chain_per_channel_then_full_resolution():
     assert next_step("A", CHAIN, runs, [1, 2]).startswith("create_pipeline --animal A --task web   (pipeline_run 6 is running")
     runs += [_run(7, "web", "success")]
     assert next_step("A", CHAIN, runs, [1, 2]) == "create_pipeline --animal A --task mask --downsample false   (not run yet)"
-    runs += [_run(8, "mask", "success", resolution="full")] + [_run(9 + c, "clean", "success", c, "full") for c in (1, 2)]
+    assert not_run(CHAIN, runs, [1, 2]) == []  # full resolution is listed once something ran there
+    runs += [_run(8, "mask", "success", resolution="full")]
+    assert not_run(CHAIN, runs, [1, 2]) == ["clean C1 full", "clean C2 full"]
+    runs += [_run(9 + c, "clean", "success", c, "full") for c in (1, 2)]
     assert next_step("A", CHAIN, runs, [1, 2]).startswith("nothing: every stage succeeded")
 
 
@@ -72,4 +75,7 @@ def test_status_after_a_partial_chain_with_one_failure(tiny_sample, tmp_path, db
     assert "histogram of DEMO (channel 1, thumbnail): a runner starting (user bob" in out
     assert "stale (its process 999999999 on" in out
     assert "clean of DEMO (channel 2, thumbnail): pipeline_run 99" in out.split("stale")[0]  # the live one is not stale
+    assert ("  not run yet: clean C2 thumbnail, histogram C1 thumbnail, histogram C2 thumbnail, align C1 thumbnail, "
+            "align C2 thumbnail, create_metrics C1 thumbnail, neuroglancer C1 thumbnail, neuroglancer C2 thumbnail, "
+            "omezarr C1 thumbnail, omezarr C2 thumbnail, web C* any\n") in out
     assert "  next: create_pipeline --animal DEMO --task clean   (pipeline_run 3 failed: " in out

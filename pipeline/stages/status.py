@@ -98,6 +98,24 @@ def newest_run(runs: Sequence[RunFacts], info: StageInfo, channel: int, resoluti
     return found
 
 
+def not_run(chain: Sequence[StageInfo], runs: Sequence[RunFacts], channels: Iterable[int]) -> list[str]:
+    """The stage, channel and resolution combinations of the chain with no run yet: thumbnails
+    always, full resolution once a stage whose files depend on it ran there (not extract)."""
+    channels = list(channels) or [1]
+    per_resolution = {info.name for info in chain if info.by_resolution}
+    full = any(f.run.resolution == "full" and f.run.stage in per_resolution for f in runs)
+    resolutions = RESOLUTIONS if full else RESOLUTIONS[:1]
+    missing = []
+    for resolution in resolutions:
+        for info in chain:
+            if resolution == "full" and not info.by_resolution:
+                continue
+            for channel in channels if info.per_channel else [1]:
+                if newest_run(runs, info, channel, resolution) is None:
+                    missing.append(" ".join([info.name, *info.scope(channel, resolution)]))
+    return missing
+
+
 def command(animal: str, info: StageInfo, channel: int, resolution: str) -> str:
     flags = ""
     if info.by_channel and channel != 1:
@@ -174,6 +192,9 @@ def status_lines(engine, settings: Settings, animal: str, chain: Sequence[StageI
             info = infos.get(facts.run.stage, StageInfo(facts.run.stage))
             lines += [f"    {line}" for line in run_lines(facts, info, now)]
         if chain:
+            missing = not_run(chain, runs, sorted(channels))
+            if missing:
+                lines.append(f"  not run yet: {', '.join(missing)}")
             lines.append(f"  next: {next_step(animal, chain, runs, sorted(channels))}")
     return lines
 
