@@ -88,13 +88,14 @@ def make_step1(src: Path, sections: list[Path], voxel, final_chunk) -> pc.StackS
 
 
 def build(tmp: Path, name: str, *, depth, height, width, dtype=np.uint8, rgb=False, xy_um, z_um, chunk,
-          memory_target=pc.DEFAULT_MEMORY_TARGET, workers=1, compression=None):
+          memory_target=pc.DEFAULT_MEMORY_TARGET, workers=1, compression=None, sharded=False):
     sections = write_stack(tmp / name / "aligned", depth, height, width, dtype, rgb, compression=compression)
     dest = tmp / name / "C1T"
     src = tmp / name / "C1T_rechunkme"
     make_step1(src, sections, pc.voxel_size_nm(xy_um, z_um), chunk)
     result = pc.publish_layer(src, dest, sections, chunk_size=chunk, workers=workers, sample=None,
-                              keep_rechunkme=True, memory_target=memory_target, params={"test": name})
+                              keep_rechunkme=True, memory_target=memory_target, params={"test": name},
+                              sharded=sharded)
     return {"sections": sections, "dest": dest, "src": src, "result": result, "chunk": chunk}
 
 
@@ -110,10 +111,15 @@ def layers(tmp_path_factory):
         # RGB, a memory target so small that each 2x2x1 level needs its own round
         "rgb": build(tmp, "rgb", depth=4, height=90, width=133, rgb=True, xy_um=5, z_um=20, chunk=(16, 16, 2),
                      memory_target=10_000),
+        # --sharded: the uint16 stack again (same seed); 200 kB shards: several shards per level,
+        # igneous's shard downsampling makes two levels from mip 0 in one round
+        "sharded": build(tmp, "sharded", depth=9, height=150, width=230, dtype=np.uint16, xy_um=2.5, z_um=10,
+                         chunk=(16, 16, 2), memory_target=200_000, compression="zlib", sharded=True),
     }
 
 
 ALL = ["grey", "uint16", "rgb"]
+WITH_SHARDED = ALL + ["sharded"]
 
 # --------------------------------------------------------------------------------------------
 # pure planning
@@ -155,7 +161,7 @@ def test_block_mean_floor_truncates_and_averages_the_voxels_of_cut_blocks():
 # the published layers
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WITH_SHARDED)
 def test_mip0_read_back_through_cloudvolume_equals_the_stack(layers, name):
     layer = layers[name]
     got = read_mip(layer["dest"], 0)
@@ -165,7 +171,7 @@ def test_mip0_read_back_through_cloudvolume_equals_the_stack(layers, name):
     assert not got[x:].any() and not got[:, y:].any() and not got[:, :, z:].any(), "padding beyond the stack is zero"
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", WITH_SHARDED)
 def test_every_mip_is_the_truncated_average_of_the_level_below(layers, name):
     layer = layers[name]
     dest, rounds = layer["dest"], layer["result"]["rounds"]
@@ -253,6 +259,52 @@ def test_manifest_digest_matches_the_runners_directory_checksum(layers):
         size, _, digest = path_stats(dest / manifest["key"])
         assert (manifest["bytes"], manifest["sha256"]) == (size, digest)
         assert manifest["chunks"] == manifest["expected_chunks"] == len(list((dest / manifest["key"]).iterdir()))
+
+
+def test_sharded_layer_same_voxels_as_unsharded_in_few_shard_files(layers):
+    """--sharded: igneous's sharded format at every mip, decoded voxels identical to the
+    unsharded layer of the same stack, far fewer files; provenance and manifests say so."""
+    layer, plain = layers["sharded"], layers["uint16"]
+    dest, result = layer["dest"], layer["result"]
+    info = json.loads((dest / "info").read_text())
+    assert result["sharded"] is True and len(info["scales"]) == len(result["mips"]) == 4
+    for mip, (scale, manifest) in enumerate(zip(info["scales"], result["mips"])):
+        assert scale["sharding"]["@type"] == "neuroglancer_uint64_sharded_v1"
+        assert scale["sharding"]["data_encoding"] == "gzip" and scale["encoding"] == "raw"
+        files = sorted(p.name for p in (dest / scale["key"]).iterdir())
+        assert files and all(f.endswith(".shard") for f in files)
+        assert manifest["files"] == len(files) < manifest["chunks"] == manifest["expected_chunks"]
+        assert np.array_equal(read_mip(dest, mip), read_mip(plain["dest"], mip)), f"mip {mip}"
+    from pipeline.runner import path_stats
+
+    assert path_stats(dest / result["mips"][0]["key"])[2] == result["mips"][0]["sha256"]
+    prov = json.loads((dest / "provenance").read_text())
+    tasks = {p["method"]["task"] for p in prov["processing"]}
+    assert {"ImageShardTransferTask", "ImageShardDownsampleTask"} <= tasks and "TransferTask" not in tasks
+    ours = next(p["method"] for p in prov["processing"] if p["method"]["task"] == pc.PROVENANCE_STEP)
+    assert ours["sharded"] is True and ours["rounds"] == result["rounds"]
+    assert [r["mips"] for r in result["rounds"]] == [[], [1, 2], [3]]
+
+
+@pytest.mark.parametrize("how", ["deleted", "bitflip", "truncated"])
+def test_verify_catches_a_damaged_shard_file(layers, tmp_path, how):
+    layer = layers["sharded"]
+    copy = tmp_path / "C1T"
+    shutil.copytree(layer["dest"], copy)  # publish_layer verified the original with sample=None
+    key = json.loads((copy / "info").read_text())["scales"][0]["key"]
+    victim = copy / key / "0.shard"
+    data = victim.read_bytes()
+    if how == "deleted":
+        victim.unlink()
+    elif how == "bitflip":  # in the chunk data, past the shard and minishard indexes
+        middle = len(data) // 2
+        victim.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    else:
+        victim.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LayerVerificationError, match=r"0\.shard") as caught:
+        verify_layer(copy, layer["sections"], sample=None)
+    if how == "deleted":
+        assert any("shard file is missing" in p for p in caught.value.problems)
 
 
 # --------------------------------------------------------------------------------------------

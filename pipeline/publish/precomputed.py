@@ -368,8 +368,10 @@ def _scale_count(layer_dir: Path) -> int:
 
 def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_size: Sequence[int] = DEFAULT_CHUNK,
                             max_mips: int | None = None, workers: int = 1, queue_url: str | None = None,
-                            memory_target: int = DEFAULT_MEMORY_TARGET) -> dict:
+                            memory_target: int = DEFAULT_MEMORY_TARGET, sharded: bool = False) -> dict:
     """Rechunk the step-1 layer into a gzip layer and build its pyramid with igneous.
+
+    `sharded`: every mip in igneous's sharded format (`_sharded_rounds`) instead of a file per chunk.
 
     Rounds: the transfer itself also makes the first 2x2x1 levels (as many as a task of
     `memory_target` bytes holds); each further round is one igneous downsampling job that starts
@@ -401,6 +403,9 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
     started = time.perf_counter()
     queue_url, queue_name = build_queue(queue_url, dest_dir.name) if queue_url else (None, "")
     try:
+        if sharded:
+            return _sharded_build(src_url, dest_url, dest_dir, plan, runs, chunk, memory_target, workers, queue_url,
+                                  queue_name, started)
         return _transfer_and_downsample(src_url, dest_url, dest_dir, plan, runs, chunk, shape, in_transfer,
                                         memory_target, workers, queue_url, queue_name, started)
     finally:
@@ -436,16 +441,57 @@ def _transfer_and_downsample(src_url, dest_url, dest_dir: Path, plan, runs, chun
             rounds.append({"kind": "downsample", "from_mip": made, "mips": list(range(made + 1, now + 1)),
                            "factor": list(factor), "tasks": count})
             made = now
-    _check_scales(dest_dir, plan, chunk)
+    return _built(dest_dir, plan, chunk, rounds, queue_name, transfer_seconds, started, sharded=False)
+
+
+def _sharded_build(src_url, dest_url, dest_dir: Path, plan, runs, chunk, memory_target, workers, queue_url,
+                   queue_name, started) -> dict:
+    """igneous's own sharded tasks: `create_image_shard_transfer_tasks` writes mip 0 (one task per
+    shard, no levels), then `create_image_shard_downsample_tasks` rounds build the pyramid, each
+    from the highest level made so far, as many levels of one factor as igneous allows (it caps
+    a round so that its task's box covers whole shards of every level it makes). Shard size:
+    `memory_target` bytes of uncompressed chunks, igneous's own recommendation for the spec."""
+    import igneous.task_creation as tc
+
+    with _prints_to_log():
+        tasks = list(tc.create_image_shard_transfer_tasks(
+            src_url, dest_url, chunk_size=list(chunk), encoding="raw", compress="gzip", fill_missing=False,
+            memory_target=memory_target,
+        ))
+    count = run_tasks(tasks, workers=workers, queue_url=queue_url)
+    made = _scale_count(dest_dir) - 1
+    if made:
+        raise PrecomputedError(f"the sharded transfer left {made} levels above mip 0 (expected none)", dest_dir)
+    rounds: list[dict] = [{"kind": "shard-transfer", "from_mip": 0, "mips": [], "tasks": count}]
+    transfer_seconds = time.perf_counter() - started
+    for first, length, factor in runs:
+        while made < first + length:
+            with _prints_to_log():
+                tasks = list(tc.create_image_shard_downsample_tasks(
+                    dest_url, mip=made, num_mips=first + length - made, factor=factor, fill_missing=False,
+                    memory_target=memory_target, encoding="raw",
+                ))
+            count = run_tasks(tasks, workers=workers, queue_url=queue_url)
+            now = _scale_count(dest_dir) - 1
+            if now <= made:
+                raise PrecomputedError(f"igneous made no sharded level above mip {made} (factor {list(factor)})", dest_dir)
+            rounds.append({"kind": "shard-downsample", "from_mip": made, "mips": list(range(made + 1, now + 1)),
+                           "factor": list(factor), "tasks": count})
+            made = now
+    return _built(dest_dir, plan, chunk, rounds, queue_name, transfer_seconds, started, sharded=True)
+
+
+def _built(dest_dir: Path, plan: PyramidPlan, chunk, rounds, queue_name, transfer_seconds, started, sharded) -> dict:
+    _check_scales(dest_dir, plan, chunk, sharded)
     return {
         "plan": {"size": list(plan.size), "factors": [list(f) for f in plan.factors],
                  "resolution": list(plan.resolution), "chunk_size": list(chunk)},
-        "rounds": rounds, "queue": queue_name or None,
+        "rounds": rounds, "queue": queue_name or None, "sharded": bool(sharded),
         "seconds": {"transfer": round(transfer_seconds, 3), "total": round(time.perf_counter() - started, 3)},
     }
 
 
-def _check_scales(layer_dir: Path, plan: PyramidPlan, chunk: Sequence[int]) -> None:
+def _check_scales(layer_dir: Path, plan: PyramidPlan, chunk: Sequence[int], sharded: bool = False) -> None:
     """igneous decides scales itself from task shapes: make sure it built exactly the plan."""
     scales = read_info(layer_dir)["scales"]
     expected_sizes = plan.sizes()
@@ -462,6 +508,8 @@ def _check_scales(layer_dir: Path, plan: PyramidPlan, chunk: Sequence[int]) -> N
             problems.append(f"chunk size {scale['chunk_sizes'][0]} != {list(chunk)}")
         if scale.get("encoding") != "raw":
             problems.append(f"encoding {scale.get('encoding')!r} != 'raw'")
+        if bool(scale.get("sharding")) != bool(sharded):
+            problems.append("sharded" if scale.get("sharding") else "not sharded")
         if problems:
             raise PrecomputedError(f"mip {mip}: " + "; ".join(problems), layer_dir / "info")
 
@@ -523,7 +571,8 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
                   chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None, workers: int = 1,
                   queue_url: str | None = None, keep_rechunkme: bool = False, sample: int | None = 32,
                   description: str = "", params: Mapping[str, Any] | None = None,
-                  memory_target: int = DEFAULT_MEMORY_TARGET, root: str | Path | None = None) -> dict:
+                  memory_target: int = DEFAULT_MEMORY_TARGET, root: str | Path | None = None,
+                  sharded: bool = False) -> dict:
     """Step 2 + verification + provenance, then the atomic rename and the step-1 cleanup.
 
     The final layer is built under a temporary name next to `dest_dir`, so an interrupted or
@@ -539,7 +588,7 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
     window_seconds = round(time.perf_counter() - started, 3)
     with atomic_path(dest_dir) as tmp:
         built = transfer_and_downsample(src_dir, tmp, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
-                                        queue_url=queue_url, memory_target=memory_target)
+                                        queue_url=queue_url, memory_target=memory_target, sharded=sharded)
         # The stack's own extent: the layer can be larger by the pyramid's zero padding.
         built["seconds"]["window"] = window_seconds
         # `window`: the display window of the published voxels (web.state reads it from here)
@@ -558,7 +607,8 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
         built["seconds"]["delete_rechunkme"] = round(time.perf_counter() - started, 3)
         removed = True
     return {"mips": report["mips"], "verified": report["checked"], "plan": built["plan"], "rounds": built["rounds"],
-            "window": list(window), "seconds": built["seconds"], "rechunkme_deleted": removed}
+            "window": list(window), "seconds": built["seconds"], "rechunkme_deleted": removed,
+            "sharded": built["sharded"]}
 
 
 def _common_root(layer_dir: Path, sections: Sequence[str | Path]) -> Path:
@@ -598,7 +648,7 @@ def publish_stack(sections: Sequence[str | Path], dest_dir: str | Path, xy_um: f
                   chunk_size: Sequence[int] = DEFAULT_CHUNK, rechunk_chunk_size: Sequence[int] = RECHUNKME_CHUNK,
                   max_mips: int | None = None, workers: int = 1, queue_url: str | None = None,
                   keep_rechunkme: bool = False, sample: int | None = 32, rechunkme_dir: str | Path | None = None,
-                  description: str = "") -> dict:
+                  description: str = "", sharded: bool = False) -> dict:
     """Both steps in this process, for scripts, tests and the benchmark."""
     dest_dir = Path(dest_dir)
     src_dir = Path(rechunkme_dir) if rechunkme_dir else dest_dir.with_name(dest_dir.name + "_rechunkme")
@@ -611,4 +661,5 @@ def publish_stack(sections: Sequence[str | Path], dest_dir: str | Path, xy_um: f
         write_padding_section(str(src_dir), z)
     return publish_layer(src_dir, dest_dir, sections, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
                          queue_url=queue_url, keep_rechunkme=keep_rechunkme, sample=sample, description=description,
-                         params={"xy_um": xy_um, "z_um": z_um, "chunk_size": list(chunk_size), "max_mips": max_mips})
+                         sharded=sharded, params={"xy_um": xy_um, "z_um": z_um, "chunk_size": list(chunk_size),
+                                                  "max_mips": max_mips, "sharded": sharded})

@@ -1,11 +1,13 @@
 """Verification of a published precomputed layer, independent of cloud-volume's reader.
 
 Chunk files are listed and decoded here from the precomputed spec (raw little-endian, x fastest,
-optionally gzip), so a cloud-volume bug cannot hide itself by reading back what it wrote wrongly.
+optionally gzip; sharded levels through `pipeline.publish.shards`), so a cloud-volume or igneous
+bug cannot hide itself by reading back what it wrote wrongly.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -22,6 +24,10 @@ import numpy as np
 from pipeline.errors import SlidepipeError
 from pipeline.imaging.pyramid import block_mean_floor
 from pipeline.publish.common import open_section, read_rounds
+from pipeline.publish.shards import (
+    compressed_morton_code, grid_position, grid_size, minishard_index, read_chunk_bytes, shard_and_minishard,
+    shard_file_name,
+)
 
 
 class LayerVerificationError(SlidepipeError):
@@ -79,11 +85,13 @@ def _listing(mip_dir: Path) -> dict[str, int]:
         return {}
 
 
-def mip_manifest(layer_dir: str | Path, mip: int, info: dict | None = None) -> dict:
+def mip_manifest(layer_dir: str | Path, mip: int, info: dict | None = None, chunks: int | None = None) -> dict:
     """Count, bytes and a digest of one mip's files: what file_log records instead of a row per chunk.
 
     The digest is sha256 over the sorted "name<TAB>size" lines, the same rule the runner uses
     for a directory output, so it can be compared with `pipeline.runner.path_stats(mip_dir)`.
+    `files` counts files; `chunks` the chunks (in a sharded level, those found in its shards:
+    `chunks`; unsharded, one file each).
     """
     info = info or load_info(layer_dir)
     scale = info["scales"][mip]
@@ -91,7 +99,9 @@ def mip_manifest(layer_dir: str | Path, mip: int, info: dict | None = None) -> d
     lines = sorted(f"{name}\t{size}" for name, size in files.items())
     return {
         "mip": mip, "key": scale["key"], "resolution": list(scale["resolution"]), "size": list(scale["size"]),
-        "chunk_size": list(scale["chunk_sizes"][0]), "chunks": len(files), "bytes": int(sum(files.values())),
+        "chunk_size": list(scale["chunk_sizes"][0]), "files": len(files),
+        "chunks": len(files) if chunks is None else int(chunks), "bytes": int(sum(files.values())),
+        "sharded": bool(scale.get("sharding")),
         "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest(),
     }
 
@@ -103,7 +113,14 @@ def read_chunk(layer_dir: str | Path, info: dict, mip: int, chunk: Chunk) -> np.
         raise SlidepipeError(f"only raw encoding is verified, mip {mip} is {scale.get('encoding')}")
     base = Path(layer_dir) / scale["key"] / chunk.name
     path = base.with_name(base.name + ".gz")
-    if path.is_file():
+    if scale.get("sharding"):
+        name, minishard, chunk_id = shard_address(scale, chunk)
+        path = Path(layer_dir) / scale["key"] / name
+        where = _minishard(path, scale["sharding"], minishard).get(chunk_id)
+        if where is None:
+            raise SlidepipeError(f"chunk {chunk.name} (id {chunk_id}) is not in its shard", path)
+        data = read_chunk_bytes(path, scale["sharding"], where)
+    elif path.is_file():
         try:
             data = gzip.decompress(path.read_bytes())
         except (OSError, EOFError, zlib.error) as exc:
@@ -120,6 +137,31 @@ def read_chunk(layer_dir: str | Path, info: dict, mip: int, chunk: Chunk) -> np.
         raise SlidepipeError(f"chunk holds {len(data)} bytes, {expected} expected for {chunk.shape} x{channels}", path)
     # Precomputed raw: C-order [channel][z][y][x], little-endian.
     return np.frombuffer(data, dtype=dtype).reshape(channels, z, y, x).transpose(3, 2, 1, 0)
+
+
+def shard_address(scale: dict, chunk: Chunk) -> tuple[str, int, int]:
+    """(shard file name, minishard, chunk id) of a chunk of a sharded scale."""
+    spec = scale["sharding"]
+    position = grid_position(chunk.start, scale.get("voxel_offset", [0, 0, 0]), scale["chunk_sizes"][0])
+    chunk_id = compressed_morton_code(position, grid_size(scale))
+    shard, minishard = shard_and_minishard(chunk_id, spec)
+    return shard_file_name(shard, spec), minishard, chunk_id
+
+
+def _minishard(path: Path, spec: dict, minishard: int) -> dict[int, tuple[int, int]]:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise SlidepipeError("shard file is missing", path) from None
+    return _cached_minishard(str(path), (stat.st_mtime_ns, stat.st_size, stat.st_ino), json.dumps(spec, sort_keys=True),
+                             minishard)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_minishard(path: str, stamp: tuple, spec: str, minishard: int) -> dict[int, tuple[int, int]]:
+    """Minishard indexes are read once per verification, not once per chunk (`stamp`: a
+    rewritten file is read again)."""
+    return minishard_index(Path(path), json.loads(spec), minishard)
 
 
 def read_region(layer_dir: str | Path, info: dict, mip: int, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
@@ -291,10 +333,41 @@ def _affordable(info: dict, mip: int, rounds, budget: int) -> int:
     return max(2, budget // int(np.prod(chunk_ratio)))
 
 
+def _present_in_shards(layer_dir: Path, mip: int, scale: dict, chunks: list[Chunk], problems: list[str]) -> list[Chunk]:
+    """The expected chunks indexed (non-empty) in their shard files; the rest become problems,
+    one per unreadable shard or minishard index, one per chunk missing from a readable one."""
+    groups: dict[tuple[str, int], list[tuple[Chunk, int]]] = {}
+    for chunk in chunks:
+        name, minishard, chunk_id = shard_address(scale, chunk)
+        groups.setdefault((name, minishard), []).append((chunk, chunk_id))
+    present = []
+    for (name, minishard), members in sorted(groups.items()):
+        try:
+            index = _minishard(layer_dir / scale["key"] / name, scale["sharding"], minishard)
+        except SlidepipeError as exc:
+            problems.append(f"mip {mip}: shard {scale['key']}/{name} ({len(members)} chunks): {exc.reason}")
+            continue
+        for chunk, chunk_id in members:
+            where = index.get(chunk_id)
+            if where is None:
+                problems.append(f"mip {mip}: chunk {scale['key']}/{chunk.name} is missing from shard {name}")
+            elif where[1] == 0:
+                problems.append(f"mip {mip}: chunk {scale['key']}/{chunk.name} is empty in shard {name}")
+            else:
+                present.append(chunk)
+    present.sort(key=lambda c: (c.start[2], c.start[1], c.start[0]))
+    return present
+
+
 def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: SectionCache, rounds, sample: int | None,
                 rng: random.Random, problems: list[str], manifests: list[dict], checked: dict) -> None:
-    files = _listing(layer_dir / scale["key"])
     chunks = list(expected_chunks(scale))
+    if scale.get("sharding"):
+        present = _present_in_shards(layer_dir, mip, scale, chunks, problems)
+        _check_sample(layer_dir, info, mip, scale, present, cache, rounds, sample, rng, problems, checked)
+        manifests.append({**mip_manifest(layer_dir, mip, info, chunks=len(present)), "expected_chunks": len(chunks)})
+        return
+    files = _listing(layer_dir / scale["key"])
     present = []
     for chunk in chunks:
         size = files.get(chunk.name + ".gz", files.get(chunk.name))
@@ -304,6 +377,12 @@ def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: Secti
             problems.append(f"mip {mip}: chunk {scale['key']}/{chunk.name} is empty")
         else:
             present.append(chunk)
+    _check_sample(layer_dir, info, mip, scale, present, cache, rounds, sample, rng, problems, checked)
+    manifests.append({**mip_manifest(layer_dir, mip, info), "expected_chunks": len(chunks)})
+
+
+def _check_sample(layer_dir: Path, info: dict, mip: int, scale: dict, present: list[Chunk], cache: SectionCache,
+                  rounds, sample: int | None, rng: random.Random, problems: list[str], checked: dict) -> None:
     count = len(present) if sample is None else _affordable(info, mip, rounds, sample)
     if count >= len(present):
         picked = present
@@ -316,4 +395,3 @@ def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: Secti
         if reason:
             problems.append(f"mip {mip}: {scale['key']}/{chunk.name}: {reason}")
     checked[mip] = len(picked)
-    manifests.append({**mip_manifest(layer_dir, mip, info), "expected_chunks": len(chunks)})

@@ -4,7 +4,8 @@
 as C<c>, under www/neuroglancer_data/. Step 1 (one runner task per section) writes the
 temporary C<c>[T]_rechunkme layer; step 2 (one runner task for the layer) runs igneous's
 transfer and pyramid, verifies the result and records the layer in file_log with a per-mip
-manifest as its result. See docs/format-precomputed.md.
+manifest as its result. `--sharded` makes step 2 write igneous's sharded format instead (same
+voxels, a few .shard files per level). See docs/format-precomputed.md.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             f"{','.join(map(str, RECHUNKME_CHUNK))})")
     group.add_argument("--keep-rechunkme", action="store_true", default=None,
                        help="neuroglancer: keep the temporary step-1 layer after a verified transfer")
+    group.add_argument("--sharded", action="store_true", default=None,
+                       help="neuroglancer: write every level in igneous's sharded format (a few large .shard files "
+                            "per level instead of a file per chunk)")
     group.add_argument("--mips", type=int, default=None, metavar="N",
                        help="neuroglancer: at most N levels above full resolution (default: until the top level is small)")
     group.add_argument("--verify-sample", type=int, default=None, metavar="N",
@@ -76,12 +80,12 @@ def pad_section(layer_dir: str, z: int, marker: str) -> dict:
 
 def publish(src_dir: str, dest_dir: str, sections: list[str], chunk_size: list[int], max_mips: int | None,
             workers: int, queue_url: str | None, keep_rechunkme: bool, sample: int | None, description: str,
-            params: dict, root: str) -> dict:
+            params: dict, root: str, sharded: bool = False) -> dict:
     from pipeline.publish.precomputed import publish_layer
 
     return publish_layer(src_dir, dest_dir, sections, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
                          queue_url=queue_url, keep_rechunkme=keep_rechunkme, sample=sample,
-                         description=description, params=params, root=root)
+                         description=description, params=params, root=root, sharded=sharded)
 
 
 def _write_marker(path: str, content: dict) -> None:
@@ -113,18 +117,23 @@ def run(ctx: StageContext) -> None:
         "voxel_nm": list(voxel), "chunk_size": list(chunk), "rechunkme_chunk_size": list(rechunk),
         "mips": max_mips, "stack": [stack.width, stack.height, stack.depth, stack.dtype, stack.channels],
     }
+    sharded = bool(ctx.params.get("sharded"))
+    # Only the layer task depends on it (step 1 is the same); present only when set, so layers
+    # published before the flag existed stay current.
+    layer_params = {**params, "sharded": True} if sharded else params
     name = final.name
     resolution = f"thumbnail (1/{THUMBNAIL_FACTOR})" if ctx.downsample else "full resolution"
     layer_task = Task(
-        key=name, func=publish, inputs=sections, outputs=[final], params=params, label=str(final),
+        key=name, func=publish, inputs=sections, outputs=[final], params=layer_params, label=str(final),
         kwargs={
             "src_dir": str(temp), "dest_dir": str(final), "sections": [str(p) for p in sections],
             "chunk_size": list(chunk), "max_mips": max_mips, "workers": ctx.settings.workers,
             "queue_url": ctx.settings.queue_url, "keep_rechunkme": keep, "sample": sample,
             "description": f"{ctx.animal} channel {ctx.channel}, {resolution}: the aligned stack of {count} "
                            f"sections, published by slidepipe",
-            "params": {"animal": ctx.animal, "channel": ctx.channel, "downsample": ctx.downsample, **params},
-            "root": str(ctx.layout.data_root),
+            "params": {"animal": ctx.animal, "channel": ctx.channel, "downsample": ctx.downsample, **params,
+                       "sharded": sharded},
+            "root": str(ctx.layout.data_root), "sharded": sharded,
         },
     )
     if not ctx.is_current(layer_task):
@@ -151,5 +160,6 @@ def run(ctx: StageContext) -> None:
         shutil.rmtree(temp)  # left from a run whose layer task was already done
     if name in results:
         mips = results[name].get("mips", [])
-        ctx.log.info("%s: %d levels, %d chunk files, %.1f MB", final, len(mips),
-                     sum(m["chunks"] for m in mips), sum(m["bytes"] for m in mips) / 1e6)
+        ctx.log.info("%s: %d levels, %d chunks in %d %sfiles, %.1f MB", final, len(mips),
+                     sum(m["chunks"] for m in mips), sum(m.get("files", m["chunks"]) for m in mips),
+                     "shard " if results[name].get("sharded") else "", sum(m["bytes"] for m in mips) / 1e6)
