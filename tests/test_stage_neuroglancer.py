@@ -170,6 +170,40 @@ def test_a_damaged_published_layer_is_noticed_and_rebuilt(tmp_path, sqlite_url):
     assert (last_run(sqlite_url).tasks_run, last_run(sqlite_url).tasks_skipped) == (0, 1)
 
 
+def test_sharded_flag_publishes_shards_records_them_and_switching_reruns(tmp_path, sqlite_url):
+    """--sharded enters the layer task's fingerprint (not step 1's): switching either way
+    republishes the layer only; the same switch again is skipped."""
+    layout = AnimalLayout(tmp_path / "data", ANIMAL)
+    paths = place_aligned(layout, seed_animal(sqlite_url, 4), 70, 70, db_url=sqlite_url)
+    flags = ("--chunk-size", "16,16,2", "--keep-rechunkme")
+    layer = layout.precomputed_layer(1, True)
+    assert cli(tmp_path, sqlite_url, *flags) == 0
+    assert any(layer.rglob("*.gz")) and not any(layer.rglob("*.shard"))
+    assert cli(tmp_path, sqlite_url, *flags, "--sharded") == 0
+    assert last_run(sqlite_url).tasks_run == 1, "the layer only: step 1 does not depend on --sharded"
+    info = json.loads((layer / "info").read_text())
+    assert all(scale["sharding"] for scale in info["scales"])
+    assert not any(layer.rglob("*.gz")) and any(layer.rglob("*.shard"))
+    assert np.array_equal(read_mip0(layer)[:70, :70, :4], stack_of(paths))
+    verify_layer(layer, paths, sample=None)
+    engine = init_db(sqlite_url)
+    with session_scope(engine) as s:
+        row = s.scalars(select(FileLog).where(FileLog.path == layout.relative(layer))
+                        .order_by(FileLog.id.desc()).limit(1)).one()
+        result = json.loads(row.result)
+        assert result["sharded"] is True and all(m["sharded"] for m in result["mips"])
+        shard = next((layer / info["scales"][0]["key"]).glob("*.shard"))
+        assert "neuroglancer" in json.dumps(how_was_made(s, layout.relative(shard)), default=str)
+    engine.dispose()
+    prov = json.loads((layer / "provenance").read_text())
+    ours = next(p["method"] for p in prov["processing"] if p["method"].get("task") == "slidepipe.precomputed")
+    assert ours["params"]["sharded"] is True and ours["sharded"] is True
+    assert cli(tmp_path, sqlite_url, *flags, "--sharded") == 0
+    assert (last_run(sqlite_url).tasks_run, last_run(sqlite_url).tasks_skipped) == (0, 1)
+    assert cli(tmp_path, sqlite_url, *flags) == 0
+    assert last_run(sqlite_url).tasks_run == 1 and any(layer.rglob("*.gz")) and not any(layer.rglob("*.shard"))
+
+
 def test_full_resolution_with_z_padding_and_a_queue(tmp_path, sqlite_url):
     layout = AnimalLayout(tmp_path / "data", ANIMAL)
     paths = place_aligned(layout, seed_animal(sqlite_url, 5, resolution_um=0.5, z_um=1.0), 100, 120, downsample=False,
