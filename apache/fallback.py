@@ -36,7 +36,8 @@ ANIMAL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 CLIENT_FILE = re.compile(r"[A-Za-z0-9_@-][A-Za-z0-9_@.-]*")
 JSON_METADATA = re.compile(r"(info|provenance|transform\.json|\.zarray|\.zattrs|\.zgroup|\.zmetadata|zarr\.json)(\.gz)?")
 CONTENT_TYPES = {".json": "application/json", ".js": "text/javascript", ".wasm": "application/wasm",
-                 ".css": "text/css", ".html": "text/html", ".gz": "application/octet-stream"}
+                 ".css": "text/css", ".html": "text/html", ".gz": "application/octet-stream",
+                 ".shard": "application/octet-stream"}
 ALLOWED_METHODS = "GET, HEAD, OPTIONS"
 _SINGLE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
@@ -134,7 +135,7 @@ class Site:
 
 
 def content_type(name: str) -> str | None:
-    """As Apache types it: metadata as JSON, .gz as octet-stream, else by extension; None (no
+    """As Apache types it: metadata as JSON, .gz and .shard as octet-stream, else by extension; None (no
     header, as Apache) for a name without a known type, e.g. an uncompressed chunk."""
     if JSON_METADATA.fullmatch(name):
         return "application/json"

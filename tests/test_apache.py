@@ -26,6 +26,8 @@ SECRET = "not-for-the-web"
 PUBLIC = "https://neuroglancer-demo.appspot.com"   # the public Neuroglancer web.state links to
 ELSEWHERE = "https://elsewhere.example.com"          # any other web page
 SERVERS = [pytest.param("apache", marks=pytest.mark.apache), "fallback"]
+SHARD = bytes(np.random.default_rng(3).integers(0, 256, 5000, dtype=np.uint8))  # compressible it is not
+SHARD_URL = f"/{ANIMAL}/neuroglancer_data/C1S/325_325_20000/0.shard"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +61,9 @@ def _populate(root: Path):
     (www / "link-out.txt").symlink_to(root.parent / "outside.txt")
     (www / "dir-out").symlink_to(root / ANIMAL / "preps", target_is_directory=True)
     (www / "raw.bin").write_bytes(bytes(range(256)) * 4)
+    shard_dir = www / "neuroglancer_data" / "C1S" / "325_325_20000"  # a --sharded layer's file
+    shard_dir.mkdir(parents=True)
+    (shard_dir / "0.shard").write_bytes(SHARD)
     zarr_dir = www / "omezarr" / "C1.ome.zarr"
     (zarr_dir / "0").mkdir(parents=True)
     (zarr_dir / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}}))
@@ -232,6 +237,13 @@ def test_range_request(server, data_root):
     part = request(server, "GET", chunk_path(0, 64, 0, 64, 0, 1), {"Range": "bytes=0-9"})
     assert part.status == 206 and part.body == on_disk[:10]
     assert part.getheader("Content-Encoding") == "gzip"
+    # a .shard file (sharded precomputed) is read in ranges of its own bytes, never re-encoded
+    shard = request(server, "GET", SHARD_URL, {"Range": "bytes=16-4095", "Accept-Encoding": "gzip", "Origin": PUBLIC})
+    assert shard.status == 206 and shard.body == SHARD[16:4096]
+    assert shard.getheader("Content-Range") == f"bytes 16-4095/{len(SHARD)}"
+    assert shard.getheader("Content-Encoding") is None
+    assert shard.getheader("Content-Type") == "application/octet-stream"
+    assert shard.getheader("Access-Control-Allow-Origin") == PUBLIC
 
 
 def test_zarr_metadata_served_as_json_with_cors(server):
@@ -299,7 +311,7 @@ def test_fixed_port_in_use_is_a_clear_error(data_root, kind):
 def test_system_wide_virtual_host_with_debian_default_modules(apache_root, tmp_path):
     """The docs' sites-available snippet, inside a config that also loads what Debian enables by
     default (mod_deflate compressing JSON, autoindex, dir): chunks are still gzip-encoded exactly
-    once and directories still not listed."""
+    once, shard files answer byte ranges of their own bytes, and directories still not listed."""
     from apache.launcher import find_apache, free_port
 
     data_root = apache_root
@@ -329,6 +341,9 @@ def test_system_wide_virtual_host_with_debian_default_modules(apache_root, tmp_p
         chunk = request(port, "GET", chunk_path(0, 64, 0, 64, 0, 1), {"Accept-Encoding": "gzip, deflate"})
         assert chunk.getheader("Content-Encoding") == "gzip"
         assert gzip.decompress(chunk.body) == volume[0, 0:64, 0:64].tobytes()
+        shard = request(port, "GET", SHARD_URL, {"Range": "bytes=100-199", "Accept-Encoding": "gzip, deflate"})
+        assert shard.status == 206 and shard.body == SHARD[100:200], "mod_deflate must leave shard ranges alone"
+        assert shard.getheader("Content-Encoding") is None
         assert request(port, "GET", f"/{ANIMAL}/neuroglancer_data/").status in (403, 404)
         assert request(port, "PUT", f"/{ANIMAL}/neuroglancer_data/C1/info").status == 405
         assert SECRET.encode() not in request(port, "GET", f"/{ANIMAL}/link-out.txt").body
