@@ -6,6 +6,7 @@ verifier's `block_mean_floor`, so a wrong verifier cannot agree with a wrong pyr
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import multiprocessing
@@ -562,6 +563,45 @@ def _apache_or_skip():
     return ApacheServer
 
 
+@contextlib.contextmanager
+def _served(layer_dir: Path):
+    """`layer_dir` served by a test Apache as animal A1's C1T; yields the layer's base URL."""
+    ApacheServer = _apache_or_skip()
+    root = Path(tempfile.mkdtemp(prefix="slidepipe-ts-", dir="/tmp"))
+    try:
+        os.chmod(root, 0o755)
+        shutil.copytree(layer_dir, AnimalLayout(root, "A1").precomputed_layer(1, True))
+        for directory, _, _ in os.walk(root):
+            os.chmod(directory, 0o755)
+        with ApacheServer(root) as server:
+            yield f"{server.url}/A1/neuroglancer_data/C1T/"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.apache
+def test_tensorstore_reads_the_sharded_layer_over_http_equal_to_the_stack_and_the_pyramid_rule(layers):
+    """tensorstore's neuroglancer_precomputed driver on an http kvstore reads the shards from
+    Apache in byte ranges: mip 0 is the aligned sections (zero padding), every level the
+    truncated mean of the level its round read, computed here with numpy from what tensorstore read."""
+    import tensorstore as ts
+
+    layer = layers["sharded"]
+    rounds, factors = layer["result"]["rounds"], [tuple(f) for f in layer["result"]["plan"]["factors"]]
+    with _served(layer["dest"]) as url:
+        mips = [np.asarray(ts.open({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "http", "base_url": url},
+                                    "scale_index": m}).result().read().result())
+                for m in range(len(layer["result"]["mips"]))]
+    want = stack_xyzc(layer["sections"])
+    x, y, z = want.shape[:3]
+    assert np.array_equal(mips[0][:x, :y, :z], want) and want.any()
+    assert not mips[0][x:].any() and not mips[0][:, y:].any() and not mips[0][:, :, z:].any()
+    for m in range(1, len(mips)):
+        base = next(r["from_mip"] for r in rounds if m in r["mips"])
+        factor = tuple(int(np.prod([factors[i][a] for i in range(base, m)])) for a in range(3))
+        assert np.array_equal(mips[m], floor_mean(mips[base], factor)), f"mip {m} = mean of mip {base}"
+
+
 @pytest.mark.apache
 @pytest.mark.parametrize("name", ["grey", "rgb"])
 def test_tensorstore_reads_mip0_over_http_from_apache_equal_to_the_stack(layers, name):
@@ -569,31 +609,16 @@ def test_tensorstore_reads_mip0_over_http_from_apache_equal_to_the_stack(layers,
     extensionless names), so the independent read goes through Apache, as Neuroglancer's does."""
     import tensorstore as ts
 
-    ApacheServer = _apache_or_skip()
     layer = layers[name]
-    root = Path(tempfile.mkdtemp(prefix="slidepipe-ts-", dir="/tmp"))
-    try:
-        os.chmod(root, 0o755)
-        layout = AnimalLayout(root, "A1")
-        shutil.copytree(layer["dest"], layout.precomputed_layer(1, True))
-        for directory, _, _ in os.walk(root):
-            os.chmod(directory, 0o755)
-        with ApacheServer(root) as server:
-            store = ts.open({
-                "driver": "neuroglancer_precomputed",
-                "kvstore": {"driver": "http", "base_url": f"{server.url}/A1/neuroglancer_data/C1T/"},
-                "scale_index": 0,
-            }).result()
-            got = store.read().result()
-            top = ts.open({
-                "driver": "neuroglancer_precomputed",
-                "kvstore": {"driver": "http", "base_url": f"{server.url}/A1/neuroglancer_data/C1T/"},
-                "scale_index": len(layer["result"]["mips"]) - 1,
-            }).result().read().result()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    top_mip = len(layer["result"]["mips"]) - 1
+    with _served(layer["dest"]) as url:
+        def read(mip):
+            return ts.open({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "http", "base_url": url},
+                            "scale_index": mip}).result().read().result()
+
+        got, top = read(0), read(top_mip)
     want = stack_xyzc(layer["sections"])
     x, y, z = want.shape[:3]
     assert got.shape == read_mip(layer["dest"], 0).shape
     assert np.array_equal(got[:x, :y, :z], want) and want.any()
-    assert np.array_equal(top, read_mip(layer["dest"], len(layer["result"]["mips"]) - 1))
+    assert np.array_equal(top, read_mip(layer["dest"], top_mip))
