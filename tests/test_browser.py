@@ -12,6 +12,8 @@ What is asserted, on pixels only:
   link, draws the section with the generated (data-derived) window: correlation > 0.99 and a mean
   difference under 1.5 grey levels against the windowed source, no "Disconnected" notice; with
   the offline script blocked, the notice does appear (so the script is what silences it);
+- the same stack published `--sharded` (.shard files read in byte ranges): drawn exactly through
+  `neuroglancer.Viewer`, and by the offline client, from Apache;
 - the exact-pixel render and the offline client also with the built-in fallback server
   (apache.fallback) in Apache's place (the tests marked `apache` are the Apache-only ones).
 """
@@ -48,7 +50,18 @@ def published():
         yield _publish(served / "data")
 
 
-def _publish(root: Path):
+@pytest.fixture(scope="module")
+def published_sharded():
+    """The same stack published with --sharded (igneous's .shard files, read in byte ranges)."""
+    require_chromium()
+    require_apache()
+    with servable_dir() as served:
+        root, volume = _publish(served / "data", sharded=True)
+        assert any(root.rglob("*.shard")) and not any(root.rglob("*.gz"))
+        yield root, volume
+
+
+def _publish(root: Path, sharded: bool = False):
     import tifffile
 
     from pipeline.publish.precomputed import publish_stack
@@ -61,8 +74,8 @@ def _publish(root: Path):
         paths.append(sources / f"{z:03d}.tif")
         tifffile.imwrite(paths[-1], section)
     layer = AnimalLayout(root, ANIMAL).precomputed_layer(1, downsample=False)
-    publish_stack(paths, layer, xy_um=0.325, z_um=20.0)
-    assert any(layer.rglob("*.gz")), "the writer is expected to store gzip chunks"
+    publish_stack(paths, layer, xy_um=0.325, z_um=20.0, sharded=sharded)
+    assert sharded or any(layer.rglob("*.gz")), "the writer is expected to store gzip chunks"
     return root, np.stack(sections)
 
 
@@ -99,6 +112,33 @@ def test_python_viewer_screenshot_equals_the_source_section(published, driver, k
     assert abs((y + HEIGHT / 2) - SIZE[1] / 2) <= 1 and abs((x + WIDTH / 2) - SIZE[0] / 2) <= 1
     for other in set(range(DEPTH)) - {SHOWN}:
         assert not np.array_equal(grey[y:y + HEIGHT, x:x + WIDTH], volume[other])
+
+
+@pytest.mark.apache
+def test_python_viewer_draws_the_sharded_layer_exactly(published_sharded, driver):
+    """--sharded: Neuroglancer reads the shard index, minishard index and chunks from Apache in
+    byte ranges and draws the section exactly."""
+    root, volume = published_sharded
+    shot = python_viewer_render(driver, root, timeout=120)
+    assert shot is not None, "Neuroglancer did not finish loading the shards served by Apache"
+    score, (y, x) = best_match(shot[..., 0], volume[SHOWN])
+    assert score > 0.999
+    assert np.array_equal(shot[y:y + HEIGHT, x:x + WIDTH, 0], volume[SHOWN])
+    assert abs((y + HEIGHT / 2) - SIZE[1] / 2) <= 1 and abs((x + WIDTH / 2) - SIZE[0] / 2) <= 1
+    for other in set(range(DEPTH)) - {SHOWN}:
+        assert not np.array_equal(shot[y:y + HEIGHT, x:x + WIDTH, 0], volume[other])
+
+
+@pytest.mark.apache
+def test_offline_client_draws_the_sharded_layer(published_sharded, driver):
+    root, volume = published_sharded
+    assert np.array_equal(_published_section(root), volume[SHOWN])
+    page, expected, score, (y, x), window = _offline_page(driver, root)
+    drawn = page[y:y + HEIGHT, x:x + WIDTH].astype(np.float64)
+    assert drawn.std() > 20, "blank data panel"
+    assert score > 0.99
+    assert np.abs(drawn[..., 0] - expected).mean() < 1.5
+    assert not _visible_texts(driver, "Disconnected")
 
 
 @pytest.mark.apache
