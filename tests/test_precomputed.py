@@ -149,6 +149,22 @@ def test_padding_makes_every_halved_size_even_and_is_a_fixpoint():
         plan_pyramid((10, 10, 1), (1, 1, 1), (63, 64, 1))
 
 
+def test_shard_downsampling_rounds_are_capped_by_the_memory_target():
+    """A brain-sized uint16 level: a round making two 2x2x1 levels at once would read slabs of
+    8192 x 8192 x 16 voxels (2 GiB); one level reads 4096 x 4096 x 16 (512 MiB, the target).
+    Small levels (shards clamped to the level) make every level of the run in one round."""
+    brain = plan_pyramid((30000, 20000, 480), (325, 325, 20000), (256, 256, 16))
+    sizes = brain.sizes()
+    assert pc.shard_shape(sizes[1], (256, 256, 16), "uint16", pc.DEFAULT_MEMORY_TARGET) == (2048, 2048, 64)
+    assert pc.shard_round_levels(sizes, (256, 256, 16), 0, 6, (2, 2, 1), "uint16", 1, pc.DEFAULT_MEMORY_TARGET) == 1
+    # from mip 3 (3752 x 2504) the task box is the whole level: 3 levels in a 301 MB slab, not 4
+    assert pc.shard_round_levels(sizes, (256, 256, 16), 3, 3, (2, 2, 1), "uint16", 1, pc.DEFAULT_MEMORY_TARGET) == 3
+    # two channels: one level already reads 601 MB; a round still makes at least one
+    assert pc.shard_round_levels(sizes, (256, 256, 16), 3, 3, (2, 2, 1), "uint16", 2, pc.DEFAULT_MEMORY_TARGET) == 1
+    small = plan_pyramid((1024, 1024, 32), (325, 325, 20000), (256, 256, 16)).sizes()
+    assert pc.shard_round_levels(small, (256, 256, 16), 0, 2, (2, 2, 1), "uint8", 1, pc.DEFAULT_MEMORY_TARGET) == 2
+
+
 def test_block_mean_floor_truncates_and_averages_the_voxels_of_cut_blocks():
     a = np.array([[1, 2, 9], [2, 2, 9]], dtype=np.uint8).T[:, :, None, None]  # x=3, y=2
     out = block_mean_floor(a, (2, 2, 1))

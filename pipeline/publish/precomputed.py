@@ -444,14 +444,52 @@ def _transfer_and_downsample(src_url, dest_url, dest_dir: Path, plan, runs, chun
     return _built(dest_dir, plan, chunk, rounds, queue_name, transfer_seconds, started, sharded=False)
 
 
+def shard_shape(size: Sequence[int], chunk: Sequence[int], dtype: str, memory_target: int) -> tuple[int, int, int]:
+    """The voxel box of one shard igneous gives a level of `size` (its own recommended spec for
+    shards of `memory_target` uncompressed bytes of one channel, as its tasks compute it)."""
+    from igneous.shards import image_shard_shape_from_spec
+    from igneous.task_creation.image import create_sharded_image_info
+
+    spec = create_sharded_image_info(dataset_size=list(size), chunk_size=list(chunk), encoding="raw", dtype=dtype,
+                                     uncompressed_shard_bytesize=int(memory_target))
+    return tuple(int(v) for v in image_shard_shape_from_spec(spec, list(size), list(chunk)))  # type: ignore[return-value]
+
+
+def shard_round_levels(sizes: Sequence[Sequence[int]], chunk: Sequence[int], first: int, most: int,
+                       factor: Sequence[int], dtype: str, channels: int, memory_target: int) -> int:
+    """How many levels (1..most) one igneous shard-downsampling round from mip `first` may make.
+
+    Its task covers, at mip `first`, the widest shard of the levels it makes scaled back by the
+    factor (x factor**i for level first+i, clamped to the level), and reads that box a z-slab of
+    chunk_z * factor_z**n at a time: n is the largest count keeping that slab within
+    `memory_target` (at least 1). Without this cap one round of six 2x2x1 levels of a
+    30000 x 20000 section would read the whole section plane 16 z deep (19 GB of uint16) at once.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    best = 1
+    for n in range(1, most + 1):
+        box = [0, 0]
+        for i in range(1, n + 1):
+            shape = shard_shape(sizes[first + i], chunk, dtype, memory_target)
+            box = [max(b, shape[a] * int(factor[a]) ** i) for a, b in enumerate(box)]
+        slab = (min(box[0], sizes[first][0]) * min(box[1], sizes[first][1]) * chunk[2] * int(factor[2]) ** n
+                * itemsize * channels)
+        if slab > memory_target:
+            break
+        best = n
+    return best
+
+
 def _sharded_build(src_url, dest_url, dest_dir: Path, plan, runs, chunk, memory_target, workers, queue_url,
                    queue_name, started) -> dict:
     """igneous's own sharded tasks: `create_image_shard_transfer_tasks` writes mip 0 (one task per
     shard, no levels), then `create_image_shard_downsample_tasks` rounds build the pyramid, each
-    from the highest level made so far, as many levels of one factor as igneous allows (it caps
-    a round so that its task's box covers whole shards of every level it makes). Shard size:
-    `memory_target` bytes of uncompressed chunks, igneous's own recommendation for the spec."""
+    from the highest level made so far, as many levels of one factor as `shard_round_levels`
+    allows within `memory_target` (igneous may cap a round further, so that its task's box covers
+    whole shards of every level it makes). Shard size: `memory_target` bytes of uncompressed
+    chunks per channel, igneous's own recommendation for the spec."""
     import igneous.task_creation as tc
+
 
     with _prints_to_log():
         tasks = list(tc.create_image_shard_transfer_tasks(
@@ -464,11 +502,14 @@ def _sharded_build(src_url, dest_url, dest_dir: Path, plan, runs, chunk, memory_
         raise PrecomputedError(f"the sharded transfer left {made} levels above mip 0 (expected none)", dest_dir)
     rounds: list[dict] = [{"kind": "shard-transfer", "from_mip": 0, "mips": [], "tasks": count}]
     transfer_seconds = time.perf_counter() - started
+    dest_info = read_info(dest_dir)
+    dtype, channels, sizes = dest_info["data_type"], int(dest_info["num_channels"]), plan.sizes()
     for first, length, factor in runs:
         while made < first + length:
+            levels = shard_round_levels(sizes, chunk, made, first + length - made, factor, dtype, channels, memory_target)
             with _prints_to_log():
                 tasks = list(tc.create_image_shard_downsample_tasks(
-                    dest_url, mip=made, num_mips=first + length - made, factor=factor, fill_missing=False,
+                    dest_url, mip=made, num_mips=levels, factor=factor, fill_missing=False,
                     memory_target=memory_target, encoding="raw",
                 ))
             count = run_tasks(tasks, workers=workers, queue_url=queue_url)
