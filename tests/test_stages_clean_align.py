@@ -8,6 +8,7 @@ sample.py saved: mask Dice, and registration error in thumbnail pixels.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -388,7 +389,7 @@ def test_registration_recovers_the_true_relative_transforms(small_processed):
 
 
 @pytest.mark.slow
-def test_a_corrupted_section_is_flagged_and_does_not_move_its_neighbours(small_processed, tmp_path, capsys):
+def test_a_corrupted_section_is_flagged_and_does_not_move_its_neighbours(small_processed, tmp_path, capsys, caplog):
     """Issue 10: one section's cleaned thumbnail holds the wrong tissue (another section's, mirrored
     and shifted). Through the command line: align names it (summary line with the manual override
     command, pipeline_run.summary) and the other sections' poses stay where they were."""
@@ -428,6 +429,19 @@ def test_a_corrupted_section_is_flagged_and_does_not_move_its_neighbours(small_p
           f"at most {max(moved.values()):.3f} px (its neighbours: "
           + ", ".join(f"{i}: {moved[i]:.3f}" for i in (bad - 2, bad - 1, bad + 1, bad + 2)) + f"), canvas {canvas}")
     assert max(moved.values()) < 1.0
+    # the metrics plot and the alignment page mark it too
+    assert cli(root, db_url, "create_metrics") == 0
+    with session_scope(init_db(db_url)) as s:
+        plot = s.scalars(select(FileLog).where(FileLog.path == layout.relative(layout.metrics_png(1, True)))
+                         .order_by(FileLog.id.desc())).first()
+        assert list(json.loads(plot.result)["align_flagged"]) == [n[bad]]
+    assert any(f"sections flagged by align's QC (orange on the plot): {n[bad]}: " in m for m in caplog.messages)
+    assert cli(root, db_url, "web") == 0
+    rows = [r for r in layout.web_page("alignment").read_text().split("<tr")[1:] if 'class="align-flag"' in r]
+    assert len(rows) == 1 and rows[0].startswith(f' class="pair flagged" id="pair-{bad}"'), rows
+    rotation = float(qc["commands"][n[bad]].split("--rotation ")[1].split()[0])
+    fix = re.search(rf"--task align --section {n[bad]} --rotation (\S+) ", rows[0])
+    assert fix and abs(float(fix[1]) - rotation) < 0.01  # starts from the transform in use (the pose solve's)
 
 
 def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_path, sqlite_url):

@@ -264,6 +264,12 @@ class AnimalSite:
                     transforms[pos] = {"rotation": math.degrees(row.rotation), "xshift": row.xshift,
                                        "yshift": row.yshift, "manual": row.manual, "metric": row.metric,
                                        "fixed_position": fixed}
+            # align's QC and the transform in use of each section onto its previous one (the pose solve)
+            from pipeline.stages.align import composed_result
+
+            composed = (composed_result(session, ly, section_key_of(order[0])) or {}) if order else {}
+            align_flags = composed.get("flags") or {}
+            composed_order = composed.get("order") or []
             metrics = []
             for channel in channels:
                 for downsample in (True, False):
@@ -285,10 +291,15 @@ class AnimalSite:
                             continue   # a section no longer in the stack
                         t = transforms.get(moving, {"rotation": 0.0, "xshift": 0.0, "yshift": 0.0,
                                                     "manual": False, "metric": None})
-                        name = section_key_of(order[moving])
-                        pairs.append({"fixed": section_key_of(order[fixed]), "moving": name, "position": moving,
+                        name, fixed_name = section_key_of(order[moving]), section_key_of(order[fixed])
+                        if name in composed_order and composed_order.index(name) > 0 and \
+                                composed_order[composed_order.index(name) - 1] == fixed_name:
+                            rotation, xshift, yshift = composed["relative"][name]
+                            t = {**t, "rotation": rotation, "xshift": xshift, "yshift": yshift}
+                        pairs.append({"fixed": fixed_name, "moving": name, "position": moving,
                                       "ncc": row.ncc, "mi": row.mutual_information, "overlap": row.overlap_fraction,
-                                      "flagged": name in flagged, "transform": t,
+                                      "flagged": name in flagged or name in align_flags,
+                                      "align_flag": align_flags.get(name), "transform": t,
                                       "fix": (f"create_pipeline --animal {animal} --task align --section {name} "
                                               f"--rotation {t['rotation']:.3f} --xshift {t['xshift']:.2f} "
                                               f"--yshift {t['yshift']:.2f}")})

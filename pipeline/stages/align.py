@@ -363,6 +363,18 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
     return {s.name: ctx.layout.section_transform(s.name) for s in available}
 
 
+def composed_result(session, layout, section: str) -> dict | None:
+    """The result of the compose task that made the current composed transform of `section`
+    (stack order, QC flags, each section's transform onto its previous one), or None. The
+    metrics plot and the pages read the alignment's QC from here."""
+    from db.queries import current_file
+
+    row = current_file(session, layout.relative(layout.section_transform(section)))
+    if row is None or row.kind != "output" or not row.result:
+        return None
+    return json.loads(row.result)
+
+
 def _report_qc(ctx: StageContext, available, result: dict) -> None:
     """The sections to look at (`qc.flag_sections` on the pose solve), in pipeline_run.summary,
     a warning, and a note under the stage's summary line with the command that places one by hand."""

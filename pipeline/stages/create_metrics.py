@@ -68,8 +68,10 @@ def outliers(values: np.ndarray, spread: float = 4.0, drop: float = 0.15, window
     return flagged
 
 
-def plot_task(parts: list[str], positions: list[int], output: str, title: str) -> dict:
-    """parts: the pair files in stack order; positions: each moving section's position now."""
+def plot_task(parts: list[str], positions: list[int], output: str, title: str,
+              align_flags: dict[str, str] | None = None) -> dict:
+    """parts: the pair files in stack order; positions: each moving section's position now;
+    align_flags: the sections align's QC flagged (name -> why), marked on the plot too."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,24 +84,30 @@ def plot_task(parts: list[str], positions: list[int], output: str, title: str) -
     ncc = np.array([r["ncc"] if r["ncc"] is not None else np.nan for r in rows], dtype=float)
     flagged = outliers(ncc)  # NCC is the smoother of the two along a stack
     flagged_all = {names[i] for i in np.flatnonzero(flagged)}
+    by_align = np.array([n in (align_flags or {}) for n in names], dtype=bool)
     try:
         for ax, key, label in ((axes[0], "ncc", "NCC"), (axes[1], "mutual_information", "MI (bits)")):
             values = np.array([r[key] if r[key] is not None else np.nan for r in rows], dtype=float)
             ax.plot(positions, values, "-o", ms=3, color="tab:blue")
             ax.plot(positions[flagged], np.nan_to_num(values[flagged], nan=np.nanmin(values) if np.isfinite(values).any() else 0),
                     "o", ms=7, color="tab:red", label="dip / undefined")
+            if by_align.any():
+                ax.plot(positions[by_align], np.nan_to_num(values[by_align], nan=np.nanmin(values) if np.isfinite(values).any()
+                                                           else 0), "^", ms=11, mfc="none", mew=2, color="tab:orange",
+                        label="flagged by align (QC)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         axes[1].set_xlabel("section (compared with the previous one)")
         axes[0].set_title(title, fontsize=9)
-        if flagged_all:
+        if flagged_all or by_align.any():
             axes[0].legend(fontsize=8, loc="lower left")
         fig.tight_layout()
         with atomic_path(Path(output)) as tmp:
             fig.savefig(tmp, format="png")
     finally:
         plt.close(fig)
-    return {"pairs": len(rows), "flagged_sections": [n for n in names if n in flagged_all]}
+    return {"pairs": len(rows), "flagged_sections": [n for n in names if n in flagged_all],
+            "align_flagged": {n: align_flags[n] for n in names if n in (align_flags or {})}}
 
 
 # ------------------------------------------------------------------------------------ the stage
@@ -132,19 +140,28 @@ def run(ctx: StageContext) -> None:
     _record(ctx, {s.name: s for s in sections}, results)
     done = [(t.outputs[0], p) for t, p in zip(tasks, positions) if t.key in results]
     if done:
+        from pipeline.stages.align import composed_result
+
+        with ctx.session() as session:
+            align_flags = (composed_result(session, layout, available[0].name) or {}).get("flags") or {}
         png = layout.metrics_png(ctx.channel, ctx.downsample)
         parts = [p for p, _ in done]
         plotted = ctx.execute([Task(key="plot", func=plot_task,
                                     kwargs={"parts": [str(p) for p in parts], "positions": [z for _, z in done],
                                             "output": str(png),
                                             "title": f"{ctx.animal} CH{ctx.channel} {ctx.resolution}: similarity of each "
-                                                     "section to the previous one, as aligned"},
-                                    inputs=parts, outputs=[png], params={"positions": [z for _, z in done]},
+                                                     "section to the previous one, as aligned",
+                                            "align_flags": align_flags},
+                                    inputs=parts, outputs=[png],
+                                    params={"positions": [z for _, z in done], "align_flags": align_flags},
                                     label=str(png))], desc="metrics plot")
         flagged = plotted.get("plot", {}).get("flagged_sections")
         if flagged:
             ctx.log.warning("create_metrics: sections that differ most from their neighbour: %s (see %s)",
                             ", ".join(flagged), png)
+        if align_flags:
+            ctx.log.warning("create_metrics: sections flagged by align's QC (orange on the plot): %s",
+                            "; ".join(f"{name}: {why}" for name, why in align_flags.items()))
 
 
 def _record(ctx: StageContext, by_name, results: dict[str, dict]) -> None:
