@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shlex
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -153,8 +154,41 @@ def _stages(argv: list[str]) -> int:
 
     settings = settings_from(args)
     engine = open_database(settings)
-    with database_errors(settings.database_url):
+    with database_errors(settings.database_url), sigterm_unwinds():
         return _run_task(engine, settings, args)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while stages run (scancel, kill, docker stop)."""
+
+    def __init__(self) -> None:
+        super().__init__("terminated (SIGTERM)")
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """SIGTERM ends a stage like Ctrl-C: the run is recorded as failed and its lock released at
+    once (not after the lease, which another machine would have to wait for); then the process
+    dies by the signal, as its sender expects. Forked pool workers keep dying outright."""
+    owner = os.getpid()
+
+    def handler(signum, _frame):
+        if os.getpid() != owner:
+            _die_by(signum)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    except Terminated:
+        _die_by(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _die_by(signum: int) -> None:
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
 
 
 def _run_task(engine, settings: Settings, args) -> int:
@@ -246,8 +280,8 @@ def _run_locked(module, engine, settings: Settings, args, channel: int, lease) -
         module.run(ctx)
     except SlidepipeError as exc:
         extra = str(exc)
-    except KeyboardInterrupt:
-        extra = "interrupted"
+    except KeyboardInterrupt as exc:
+        extra = str(exc) or "interrupted"
         finish_run(engine, run_id, ctx.failures, extra, ctx.summary)
         raise
     except Exception as exc:

@@ -253,3 +253,21 @@ def test_a_waiting_lease_gets_the_lock_once_the_holder_releases(engine):
     started = time.monotonic()
     with StageLease(engine, KEY, lease_seconds=300, wait_seconds=30) as lease:
         assert lease.grant.took_over is None and time.monotonic() - started >= 1.0
+
+
+def test_sigterm_records_the_run_and_releases_the_lock_at_once(tiny_sample, tmp_path, db_url):
+    """scancel / kill: the next runner, on any machine, need not wait for the lease."""
+    root = copy_sample(tiny_sample, tmp_path)
+    runner = _start_extract(root, db_url)
+    row = _lock_of_running(runner, db_url)
+    runner.send_signal(signal.SIGTERM)  # the runner only, as `kill PID` does
+    runner.communicate(timeout=300)
+    assert runner.returncode == -signal.SIGTERM
+    engine = init_db(db_url)
+    try:
+        with session_scope(engine) as s:
+            assert locks.held_locks(s, "DEMO") == []
+            run = s.get(PipelineRun, row.FK_pipeline_run_id)
+            assert run.status == "failed" and "terminated (SIGTERM)" in run.error
+    finally:
+        engine.dispose()
