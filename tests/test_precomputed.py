@@ -149,6 +149,36 @@ def test_padding_makes_every_halved_size_even_and_is_a_fixpoint():
         plan_pyramid((10, 10, 1), (1, 1, 1), (63, 64, 1))
 
 
+def test_verify_catches_a_wrong_voxel_in_a_valid_shard(layers, tmp_path):
+    """A chunk inside a shard rewritten as valid gzip with one voxel changed, the shard's indexes
+    rewritten to match: only the comparison of decoded voxels can see it, and it names the chunk."""
+    layer = layers["sharded"]
+    copy = tmp_path / "C1T"
+    shutil.copytree(layer["dest"], copy)
+    scale = json.loads((copy / "info").read_text())["scales"][0]
+    assert scale["sharding"]["minishard_bits"] == 0 and scale["sharding"]["minishard_index_encoding"] == "gzip"
+    victim = copy / scale["key"] / "0.shard"
+    data = victim.read_bytes()
+    # One minishard: the shard index is its [start, end); its table holds ids, offsets (each
+    # relative to the end of the previous chunk, so only sizes change below) and sizes.
+    start, end = (int(v) for v in np.frombuffer(data[:16], dtype="<u8"))
+    table = np.frombuffer(gzip.decompress(data[16 + start:16 + end]), dtype="<u8").reshape(3, -1).copy()
+    region = data[16:16 + start]
+    first, size = int(table[1][0]), int(table[2][0])
+    assert first + int(table[1:].sum()) <= start, "chunk data lies before the minishard index"
+    raw = bytearray(gzip.decompress(region[first:first + size]))
+    raw[len(raw) // 2] ^= 0x01
+    chunk = gzip.compress(bytes(raw))  # valid gzip of one changed voxel, any length
+    region = region[:first] + chunk + region[first + size:]
+    table[2][0] = len(chunk)
+    index = gzip.compress(table.astype("<u8").tobytes())
+    victim.write_bytes(np.array([len(region), len(region) + len(index)], dtype="<u8").tobytes() + region + index)
+    # still a valid shard: cloud-volume reads it, one voxel different from the published layer
+    assert int((read_mip(copy, 0) != read_mip(layer["dest"], 0)).sum()) == 1
+    with pytest.raises(LayerVerificationError, match=r"mip 0: .*: mip 0 differs from the sections: 1 voxel values differ"):
+        verify_layer(copy, layer["sections"], sample=None)
+
+
 def test_shard_downsampling_rounds_are_capped_by_the_memory_target():
     """A brain-sized uint16 level: a round making two 2x2x1 levels at once would read slabs of
     8192 x 8192 x 16 voxels (2 GiB); one level reads 4096 x 4096 x 16 (512 MiB, the target).
@@ -301,6 +331,20 @@ def test_sharded_layer_same_voxels_as_unsharded_in_few_shard_files(layers):
     ours = next(p["method"] for p in prov["processing"] if p["method"]["task"] == pc.PROVENANCE_STEP)
     assert ours["sharded"] is True and ours["rounds"] == result["rounds"]
     assert [r["mips"] for r in result["rounds"]] == [[], [1, 2], [3]]
+
+
+def test_sharded_rgb_through_an_fq_queue_equals_the_unsharded_rgb_layer(layers, tmp_path):
+    """RGB (3 channels) sharded, its igneous shard tasks run from an fq:// queue: every level
+    decodes to the unsharded RGB layer of the same stack (publish_layer verified it, sample=None)."""
+    plain = layers["rgb"]
+    src, dest = tmp_path / "C1T_rechunkme", tmp_path / "C1T"
+    make_step1(src, plain["sections"], pc.voxel_size_nm(5, 20), plain["chunk"])
+    result = pc.publish_layer(src, dest, plain["sections"], chunk_size=plain["chunk"], sample=None, memory_target=10_000,
+                              queue_url="fq://" + str(tmp_path / "queue"), workers=2, sharded=True)
+    assert result["sharded"] and len(result["mips"]) == len(plain["result"]["mips"])
+    for mip, manifest in enumerate(result["mips"]):
+        assert manifest["files"] < manifest["chunks"] == manifest["expected_chunks"]
+        assert np.array_equal(read_mip(dest, mip), read_mip(plain["dest"], mip)), f"mip {mip}"
 
 
 @pytest.mark.parametrize("how", ["deleted", "bitflip", "truncated"])
