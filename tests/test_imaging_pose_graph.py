@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.errors import SlidepipeError
 from pipeline.imaging.pose_graph import Anchor, Pair, pair_discrepancy, solve_poses
-from pipeline.imaging.qc import dips, flag_sections, misfit
+from pipeline.imaging.qc import dips, flag_sections, mirrored_sections, misfit
 from pipeline.imaging.transforms import compose_to_reference, rigid_matrix
 
 CENTER, RADIUS = (50.0, 40.0), 25.0
@@ -178,3 +178,9 @@ def test_wrong_tissue_that_registers_consistently_is_flagged_by_its_neighbours_a
     flags = flag_sections(names, np.full(7, 0.2), misfits=values)
     assert np.nanmax(np.delete(values, 3)) < 0 < values[3]
     assert list(flags) == ["003"] and "neighbours match each other better" in flags["003"]
+
+
+def test_a_section_most_of_whose_pairs_fit_better_mirrored_is_named():
+    pairs = [(i - k, i, i == 4 or i - k == 4) for i in range(1, 8) for k in (1, 2) if i - k >= 0]
+    pairs = [(f, m, looks or (f, m) == (1, 3)) for f, m, looks in pairs]  # one false report elsewhere
+    assert mirrored_sections(8, pairs) == [4]

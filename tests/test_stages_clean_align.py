@@ -444,6 +444,40 @@ def test_a_corrupted_section_is_flagged_and_does_not_move_its_neighbours(small_p
     assert fix and abs(float(fix[1]) - rotation) < 0.01  # starts from the transform in use (the pose solve's)
 
 
+@pytest.mark.slow
+def test_detect_flips_reports_a_mirrored_section_and_changes_nothing(small_processed, tmp_path, capsys, caplog):
+    """Issue 10: --detect-flips names a section mounted face down (here: section 10's own cleaned
+    thumbnail mirrored left-right) in a warning, the summary line and pipeline_run.summary; the
+    section is never flipped: its cleaned file stays as it is and every transform stays rigid."""
+    base_root, base_db = small_processed
+    root = tmp_path / "copy"
+    shutil.copytree(base_root, root)
+    db_url = f"sqlite:///{root / 'slidepipe.db'}"
+    layout = AnimalLayout(root, "DEMO")
+    n = keys(db_url)
+    assert "mirror_check" not in json.loads(last_run(base_db, "align").summary)  # only when asked
+    bad = 10
+    path = layout.cleaned(1, True, n[bad])
+    tifffile.imwrite(path, np.fliplr(read(path)))
+    record_outputs(db_url, root, [path], stage="clean")
+    mounted = path.read_bytes()
+    capsys.readouterr()
+    assert cli(root, db_url, "align", "--detect-flips") == 0
+    err = capsys.readouterr().err
+    summary = json.loads(last_run(db_url, "align").summary)
+    assert summary["mirror_check"]["looks_mirrored"] == [n[bad]]
+    assert f"1 section(s) look mounted mirrored (reported, not applied): {n[bad]}" in err
+    assert any(f"{n[bad]} (position 010) looks mirrored" in m for m in caplog.messages)
+    assert path.read_bytes() == mounted
+    for name in n:
+        matrix = np.array(json.loads(layout.section_transform(name).read_text())["matrix"])
+        assert np.linalg.det(matrix[:2, :2]) == pytest.approx(1.0)
+    check = json.loads((layout.transforms_dir / "mirror_check.json").read_text())
+    wrong = [(p["fixed"], p["moving"]) for p in check["pairs"] if p["looks_mirrored"] and n[bad] not in (p["fixed"], p["moving"])]
+    print(f"mirrored section {bad}: {sum(p['looks_mirrored'] for p in check['pairs'] if n[bad] in (p['fixed'], p['moving']))} "
+          f"of its 4 pairs look mirrored; other pairs that look mirrored: {wrong}")
+
+
 def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_path, sqlite_url):
     root, layout, n = aligned_copy(tiny_sample, tmp_path, sqlite_url)
     count = len(n)

@@ -87,3 +87,15 @@ def flag_sections(names: list[str], disagreement: np.ndarray, similarity: np.nda
         for i in np.flatnonzero(low):
             flags.setdefault(names[i], []).append("it matches its neighbour much worse than the stack around it")
     return {name: "; ".join(reasons) for name, reasons in flags.items()}
+
+
+def mirrored_sections(count: int, pairs: list[tuple[int, int, bool]]) -> list[int]:
+    """Sections (indices) more than half of whose pairs (fixed, moving, looks_mirrored) fit better
+    mirrored. A section mounted face down makes every one of its pairs look mirrored; a neighbour
+    shares only its pair with it (on the sample: a mirrored section 4 of 4, one false pair elsewhere)."""
+    mirrored, total = np.zeros(count, int), np.zeros(count, int)
+    for fixed, moving, looks in pairs:
+        for i in (fixed, moving):
+            total[i] += 1
+            mirrored[i] += int(looks)
+    return [i for i in range(count) if total[i] and 2 * mirrored[i] > total[i]]

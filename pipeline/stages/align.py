@@ -57,6 +57,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--yshift", type=float, default=None, help="align: manual y shift, thumbnail pixels")
     group.add_argument("--clear-manual", action="store_true", default=None,
                        help="align: remove the manual transform of --section")
+    group.add_argument("--detect-flips", action="store_true", default=None,
+                       help="align: report sections that look mounted face down (mirrored); never applied")
     group.add_argument("--registration", choices=["auto", "elastix", "simpleitk"], default="auto",
                        help="align: registration backend (auto: Elastix when itk-elastix is installed)")
 
@@ -163,6 +165,31 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
             "pairs": residuals, "flags": flags, "relative": relative}
 
 
+def flips_task(pairs: list[list[str]], cleaned: dict[str, str], output: str) -> dict:
+    """Each pair's coarse rotation search, also over the mirrored moving section
+    (`rotation_search.coarse_start(mirror=True)`, a few ms a pair, no Elastix); the sections most
+    of whose pairs fit better mirrored (`qc.mirrored_sections`). Reported only."""
+    from pipeline.imaging.qc import mirrored_sections
+    from pipeline.imaging.rotation_search import coarse_start
+    from pipeline.stages.section_files import read_image
+
+    names = list(cleaned)
+    index = {name: i for i, name in enumerate(names)}
+    images = {name: read_image(path).astype(np.float32) for name, path in cleaned.items()}
+    images = {name: (image.mean(axis=2) if image.ndim == 3 else image) for name, image in images.items()}
+    found = []
+    for fixed, moving in pairs:
+        start = coarse_start(images[fixed], images[moving], mirror=True)
+        found.append({"fixed": fixed, "moving": moving, "score": float(start.score),
+                      "mirrored_score": float(start.mirrored_score), "looks_mirrored": bool(start.looks_mirrored)})
+    mirrored = [names[i] for i in mirrored_sections(len(names), [(index[p["fixed"]], index[p["moving"]], p["looks_mirrored"])
+                                                                 for p in found])]
+    data = {"looks_mirrored": mirrored, "pairs": found}
+    with atomic_path(Path(output)) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+    return data
+
+
 def warp_thumbnail(source: str, transform: str, output: str) -> dict:
     from pipeline.imaging.warp import warp_affine
     from pipeline.stages.section_files import read_image, write_image
@@ -218,6 +245,8 @@ def run(ctx: StageContext) -> None:
     if len(available) < 2:
         raise SlidepipeError(f"need at least two cleaned channel-1 thumbnails to align, found {len(available)}")
     pair_results = _register(ctx, available, backend)
+    if ctx.params.get("detect_flips"):
+        _detect_flips(ctx, available)
     transforms = _compose(ctx, available, pair_results)
     if transforms:
         _warp(ctx, available, transforms)
@@ -361,6 +390,30 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
         return None
     _report_qc(ctx, available, results["compose"])
     return {s.name: ctx.layout.section_transform(s.name) for s in available}
+
+
+def _detect_flips(ctx: StageContext, available) -> None:
+    """--detect-flips: name the sections that look mirrored (warning, pipeline_run.summary). A
+    rigid transform cannot undo a mirror and whether one is wanted is the user's call: the scan
+    run's --flip/--flop, or re-mounting, are theirs."""
+    cleaned = {s.name: str(ctx.layout.cleaned(1, True, s.name)) for s in available}
+    pairs = [[fixed.name, moving.name] for _, fixed, moving in _neighbour_pairs(available)]
+    output = ctx.layout.transforms_dir / "mirror_check.json"
+    done = ctx.execute([Task(key="flips", func=flips_task, kwargs={"pairs": pairs, "cleaned": cleaned, "output": str(output)},
+                             inputs=[Path(p) for p in cleaned.values()], outputs=[output], params={"pairs": pairs},
+                             label=str(ctx.layout.transforms_dir))], desc="mirror check")
+    if "flips" not in done:
+        return
+    mirrored = done["flips"]["looks_mirrored"]
+    by_name = {s.name: s for s in available}
+    ctx.summarise("mirror_check", {"looks_mirrored": mirrored, "file": ctx.layout.relative(output)},
+                  note=None if not mirrored else (
+                      f"{len(mirrored)} section(s) look mounted mirrored (reported, not applied): {', '.join(mirrored)}"))
+    for name in mirrored:
+        ctx.log.warning("align: %s looks mirrored (mounted face down?): most of its registrations fit better "
+                        "mirrored; nothing was changed (see %s)", by_name[name].label, output)
+    if not mirrored:
+        ctx.log.info("align: no section looks mirrored")
 
 
 def composed_result(session, layout, section: str) -> dict | None:
