@@ -504,14 +504,20 @@ def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_
     counts = np.load(layout.histogram_data(1, False))["counts"]
     assert counts.sum() == sum(int((read(layout.mask(p, False)) > 0).sum()) for p in n)
     assert cli(root, sqlite_url, "create_metrics", *full) == 0
+    assert cli(root, sqlite_url, "create_metrics") == 0
     with session_scope(init_db(sqlite_url)) as s:
-        metrics = s.scalars(select(AlignmentMetric).where(AlignmentMetric.resolution == "full")
-                            .order_by(AlignmentMetric.section)).all()
-    assert len(metrics) == count - 1 and all(m.overlap_fraction > 0.9 for m in metrics)
+        metrics = {resolution: s.scalars(select(AlignmentMetric).where(AlignmentMetric.resolution == resolution)
+                                         .order_by(AlignmentMetric.section)).all() for resolution in ("full", "thumbnail")}
+        overlap = {resolution: [m.overlap_fraction for m in rows] for resolution, rows in metrics.items()}
+    # The full-resolution stack is the thumbnail stack's transforms scaled up: neighbours overlap
+    # alike at both resolutions (the tiny sample's 24 x 32 px outlines are too coarse to ask more
+    # of the alignment itself; its accuracy is measured on the standard sample).
+    assert len(overlap["full"]) == count - 1 and all(f > 0.75 for f in overlap["full"]), overlap
+    assert np.allclose(overlap["full"], overlap["thumbnail"], atol=0.05), overlap
     # the window-by-window measurement equals one pass over the whole images
     from pipeline.imaging.metrics import PairAccumulator, overlap_range
 
-    last = metrics[-1]
+    last = metrics["full"][-1]
     whole = PairAccumulator(*overlap_range(read(layout.aligned(1, True, n[-2])), read(layout.aligned(1, True, n[-1]))))
     whole.add(read(layout.aligned(1, False, n[-2])), read(layout.aligned(1, False, n[-1])))
     expected = whole.result()
