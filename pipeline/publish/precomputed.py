@@ -427,21 +427,33 @@ def _transfer_and_downsample(src_url, dest_url, dest_dir: Path, plan, runs, chun
     rounds: list[dict] = [{"kind": "transfer", "from_mip": 0, "mips": list(range(1, made + 1)),
                            "factor": [2, 2, 1], "task_shape": shape, "tasks": count}]
     transfer_seconds = time.perf_counter() - started
+    rounds += _downsample_rounds(
+        dest_dir, runs, made, "downsample", workers, queue_url,
+        lambda mip, wanted, factor: tc.create_downsampling_tasks(
+            dest_url, mip=mip, num_mips=wanted, factor=factor, compress="gzip",
+            fill_missing=False, preserve_chunk_size=True, memory_target=memory_target,
+        ))
+    return _built(dest_dir, plan, chunk, rounds, queue_name, transfer_seconds, started, sharded=False)
+
+
+def _downsample_rounds(dest_dir: Path, runs, made: int, kind: str, workers, queue_url, make_tasks) -> list[dict]:
+    """igneous rounds until every planned level exists: each asks `make_tasks(mip, wanted, factor)`
+    for the levels its run still lacks, from the highest level made so far. igneous may make fewer
+    than asked (memory target, shard boxes), so the levels on disk decide, and a round that adds
+    none is an error rather than an endless loop."""
+    rounds = []
     for first, length, factor in runs:
         while made < first + length:
             with _prints_to_log():
-                tasks = list(tc.create_downsampling_tasks(
-                    dest_url, mip=made, num_mips=first + length - made, factor=factor, compress="gzip",
-                    fill_missing=False, preserve_chunk_size=True, memory_target=memory_target,
-                ))
+                tasks = list(make_tasks(made, first + length - made, factor))
             count = run_tasks(tasks, workers=workers, queue_url=queue_url)
             now = _scale_count(dest_dir) - 1
             if now <= made:
-                raise PrecomputedError(f"igneous made no level above mip {made} (factor {list(factor)})", dest_dir)
-            rounds.append({"kind": "downsample", "from_mip": made, "mips": list(range(made + 1, now + 1)),
+                raise PrecomputedError(f"igneous made no level above mip {made} ({kind}, factor {list(factor)})", dest_dir)
+            rounds.append({"kind": kind, "from_mip": made, "mips": list(range(made + 1, now + 1)),
                            "factor": list(factor), "tasks": count})
             made = now
-    return _built(dest_dir, plan, chunk, rounds, queue_name, transfer_seconds, started, sharded=False)
+    return rounds
 
 
 def shard_shape(size: Sequence[int], chunk: Sequence[int], dtype: str, memory_target: int) -> tuple[int, int, int]:
@@ -490,7 +502,6 @@ def _sharded_build(src_url, dest_url, dest_dir: Path, plan, runs, chunk, memory_
     chunks per channel, igneous's own recommendation for the spec."""
     import igneous.task_creation as tc
 
-
     with _prints_to_log():
         tasks = list(tc.create_image_shard_transfer_tasks(
             src_url, dest_url, chunk_size=list(chunk), encoding="raw", compress="gzip", fill_missing=False,
@@ -504,21 +515,12 @@ def _sharded_build(src_url, dest_url, dest_dir: Path, plan, runs, chunk, memory_
     transfer_seconds = time.perf_counter() - started
     dest_info = read_info(dest_dir)
     dtype, channels, sizes = dest_info["data_type"], int(dest_info["num_channels"]), plan.sizes()
-    for first, length, factor in runs:
-        while made < first + length:
-            levels = shard_round_levels(sizes, chunk, made, first + length - made, factor, dtype, channels, memory_target)
-            with _prints_to_log():
-                tasks = list(tc.create_image_shard_downsample_tasks(
-                    dest_url, mip=made, num_mips=levels, factor=factor, fill_missing=False,
-                    memory_target=memory_target, encoding="raw",
-                ))
-            count = run_tasks(tasks, workers=workers, queue_url=queue_url)
-            now = _scale_count(dest_dir) - 1
-            if now <= made:
-                raise PrecomputedError(f"igneous made no sharded level above mip {made} (factor {list(factor)})", dest_dir)
-            rounds.append({"kind": "shard-downsample", "from_mip": made, "mips": list(range(made + 1, now + 1)),
-                           "factor": list(factor), "tasks": count})
-            made = now
+    rounds += _downsample_rounds(
+        dest_dir, runs, made, "shard-downsample", workers, queue_url,
+        lambda mip, wanted, factor: tc.create_image_shard_downsample_tasks(
+            dest_url, mip=mip, num_mips=shard_round_levels(sizes, chunk, mip, wanted, factor, dtype, channels, memory_target),
+            factor=factor, fill_missing=False, memory_target=memory_target, encoding="raw",
+        ))
     return _built(dest_dir, plan, chunk, rounds, queue_name, transfer_seconds, started, sharded=True)
 
 
