@@ -175,8 +175,7 @@ def flips_task(pairs: list[list[str]], cleaned: dict[str, str], output: str) -> 
 
     names = list(cleaned)
     index = {name: i for i, name in enumerate(names)}
-    images = {name: read_image(path).astype(np.float32) for name, path in cleaned.items()}
-    images = {name: (image.mean(axis=2) if image.ndim == 3 else image) for name, image in images.items()}
+    images = {name: read_image(path) for name, path in cleaned.items()}  # coarse_start makes them grey floats
     found = []
     for fixed, moving in pairs:
         start = coarse_start(images[fixed], images[moving], mirror=True)
@@ -254,6 +253,11 @@ def run(ctx: StageContext) -> None:
 
 STEPS = (1, 2)
 """Each section is registered onto the section before it and the one before that (k-1, k-2)."""
+
+
+def _cleaned_thumbnails(ctx: StageContext, available) -> dict[str, str]:
+    """Section name -> its cleaned channel-1 thumbnail, what every pair and the pose solve read."""
+    return {s.name: str(ctx.layout.cleaned(1, True, s.name)) for s in available}
 
 
 def _neighbour_pairs(available) -> list[tuple[int, object, object]]:
@@ -372,7 +376,7 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
     reference = available[len(available) // 2].name
     canvas = list(read_image(ctx.layout.cleaned(1, True, reference)).shape[:2])
     outputs = {s.name: str(ctx.layout.section_transform(s.name)) for s in available}
-    cleaned = {s.name: str(ctx.layout.cleaned(1, True, s.name)) for s in available}
+    cleaned = _cleaned_thumbnails(ctx, available)
     inputs = [Path(p["pairwise"]) for p in pairs if "pairwise" in p] + [Path(p) for p in cleaned.values()]
     task = Task(key="compose", func=compose_task,
                 kwargs={"sections": [s.name for s in available], "pairs": pairs, "cleaned": cleaned,
@@ -396,7 +400,7 @@ def _detect_flips(ctx: StageContext, available) -> None:
     """--detect-flips: name the sections that look mirrored (warning, pipeline_run.summary). A
     rigid transform cannot undo a mirror and whether one is wanted is the user's call: the scan
     run's --flip/--flop, or re-mounting, are theirs."""
-    cleaned = {s.name: str(ctx.layout.cleaned(1, True, s.name)) for s in available}
+    cleaned = _cleaned_thumbnails(ctx, available)
     pairs = [[fixed.name, moving.name] for _, fixed, moving in _neighbour_pairs(available)]
     output = ctx.layout.transforms_dir / "mirror_check.json"
     done = ctx.execute([Task(key="flips", func=flips_task, kwargs={"pairs": pairs, "cleaned": cleaned, "output": str(output)},
