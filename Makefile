@@ -1,12 +1,14 @@
-# The two commands of the README:  make demo  |  make test
+# The two commands of the README:  make demo  |  make test   (and make bench: docs/performance.md)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA_ROOT ?= data
 ANIMAL ?= DEMO
 PYTEST_ARGS ?=
+# e.g. make bench BENCH_ARGS='--width 2048 --height 2048 --depths 16,32 --full-section'
+BENCH_ARGS ?=
 
-.PHONY: demo test install clean-demo
+.PHONY: demo test install clean-demo bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +26,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	@bash scripts/system-deps.sh test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	PYTHONPATH=$(CURDIR) $(PY) -m bench $(BENCH_ARGS)
 
 clean-demo:
 	rm -rf $(DATA_ROOT)/$(ANIMAL) $(DATA_ROOT)/slidepipe.db

@@ -30,6 +30,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.measure import tree_stats  # noqa: E402
 from pipeline.publish import precomputed as pc  # noqa: E402
 
 
@@ -82,11 +83,6 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-
-
-def tree_stats(path: Path) -> tuple[int, int]:
-    files = [p for p in path.rglob("*") if p.is_file()]
-    return len(files), sum(p.stat().st_size for p in files)
 
 
 def view_cost(layer: Path, view: int = 1024) -> dict:
