@@ -23,25 +23,45 @@ def temp_name(final: Path) -> Path:
     return final.with_name(f"{final.stem}{TMP_MARK}{os.getpid()}{final.suffix}")
 
 
+PAUSE_ENV = "SLIDEPIPE_TEST_PAUSE_BEFORE_RENAME"
+"""For kill tests only: `<path suffix>[:<seconds>]` makes the writer of a file whose path ends so
+stop for that long (default an hour) with its temporary file written and not yet renamed, after
+saying so on stderr, so a test knows when to kill it mid-write. Unset: no effect."""
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | Path) -> Iterator[Path]:
+def atomic_path(final: str | Path, make_parent: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to `final`; rename it over `final` on success.
 
     Works for files and directories (a directory is renamed as a whole; an existing final
-    directory is replaced).
+    directory is replaced). `make_parent=False`: a missing directory is an error
+    (FileNotFoundError) instead of being made again.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if make_parent:
+        final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     _remove(tmp)
     try:
         yield tmp
+        if os.environ.get(PAUSE_ENV):
+            _pause_for_test(tmp, final)
         if tmp.is_dir() and final.is_dir():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _pause_for_test(tmp: Path, final: Path) -> None:
+    suffix, _, seconds = os.environ[PAUSE_ENV].partition(":")
+    if suffix and final.as_posix().endswith(suffix):
+        import sys
+        import time
+
+        print(f"slidepipe test hook: pid {os.getpid()} paused before renaming {tmp} to {final}", file=sys.stderr, flush=True)
+        time.sleep(float(seconds or 3600))
 
 
 def write_text_if_changed(path: str | Path, text: str) -> bool:

@@ -438,17 +438,32 @@ def _serve(argv: list[str]) -> int:
 
 
 def _worker(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="create_pipeline worker", description="Run queued igneous tasks (other machines).")
+    parser = argparse.ArgumentParser(
+        prog="create_pipeline worker",
+        description="Run queued tasks, every stage's and igneous's, on this machine. Needs the queue and the "
+                    "shared data root as this machine sees it (it may be mounted elsewhere than on the runner's); "
+                    "never the database. See docs/cluster.md.")
     add_common_arguments(parser)
-    parser.add_argument("--lease-seconds", type=int, default=600)
+    parser.add_argument("--lease-seconds", type=int, default=600,
+                        help="a task this worker took is given to another worker when it has not finished after "
+                             "this long (killed machine); make it longer than the slowest task (default 600)")
+    parser.add_argument("--stop-when-empty", action="store_true",
+                        help="exit when the queue has no task left (e.g. a SLURM array job); default: wait for more")
     args = parser.parse_args(argv)
     settings = settings_from(args)
     if not settings.queue_url:
         print("error: --queue URL (or SLIDEPIPE_QUEUE_URL) is required", file=sys.stderr)
         return EXIT_USAGE
-    from pipeline.publish.precomputed import run_worker
+    if not settings.data_root.is_dir():
+        print(f"error: {settings.data_root}: the data root is not a directory here (--data-root)", file=sys.stderr)
+        return EXIT_USAGE
+    from pipeline.queued import run_worker
 
-    run_worker(settings.queue_url, lease_seconds=args.lease_seconds)
+    print(f"worker {os.getpid()}: tasks of {settings.queue_url}, data root {settings.data_root.absolute()}",
+          file=sys.stderr, flush=True)
+    done = run_worker(settings.queue_url, lease_seconds=args.lease_seconds, stop_when_empty=args.stop_when_empty,
+                      data_root=settings.data_root)
+    print(f"worker {os.getpid()}: {done} task(s) run", file=sys.stderr)
     return 0
 
 

@@ -60,6 +60,22 @@ def server_state_dir(data_root: str | Path) -> Path:
     return Path(data_root).absolute() / ".serve"
 
 
+def queue_results_dir(data_root: str | Path, batch: str) -> Path:
+    """Where queue workers leave the outcomes of one runner batch (`pipeline.queued`) for the
+    runner to record. Under the shared data root, because workers have no database; in a dot
+    folder, which no animal name can be."""
+    if not batch or "/" in batch or batch.startswith("."):
+        raise ValueError(f"not a batch name: {batch!r}")
+    return Path(data_root).absolute() / ".queue" / batch
+
+
+def queue_result(data_root: str | Path, batch: str, task_key: str) -> Path:
+    """The result file of one task: named by a hash of its key (keys may hold any character)."""
+    import hashlib
+
+    return queue_results_dir(data_root, batch) / f"{hashlib.sha256(task_key.encode()).hexdigest()[:24]}.json"
+
+
 def site_index(data_root: str | Path) -> Path:
     """The index page of every animal of a data root (`create_pipeline --task web`), served at
     `/`. In a dot folder, which no animal name can be (Apache serves only this file from it)."""

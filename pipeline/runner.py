@@ -21,7 +21,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from importlib import metadata
@@ -42,6 +41,8 @@ from pipeline.atomic import pid_alive, remove_stale_temps, sha256_file
 from pipeline.config import Settings
 from pipeline.errors import SlidepipeError, StageBusy, StageError
 from pipeline.layout import AnimalLayout, resolution_name
+from pipeline.queued import path_stats  # noqa: F401  (also this module's API: tests and helpers use it)
+from pipeline.queued import run_in_worker as _run_in_worker
 
 log = logging.getLogger("slidepipe")
 
@@ -50,6 +51,12 @@ TRACKED_PACKAGES = (
     "aicspylibczi", "SimpleITK", "itk-elastix", "cloud-volume", "igneous-pipeline", "task-queue", "zarr",
     "tensorstore", "ome-zarr", "ome-zarr-models", "SQLAlchemy", "alembic",
 )
+
+
+QUEUE_POLL_SECONDS = 0.2
+"""How often a runner waiting for queue workers looks for their result files."""
+QUEUE_QUIET_SECONDS = float(os.environ.get("SLIDEPIPE_QUEUE_QUIET_SECONDS", 60))
+"""After this long without a result the waiting runner says what it waits for (again each time)."""
 
 
 @dataclasses.dataclass
@@ -108,25 +115,6 @@ def fingerprint(stage: str, version: int, key: str, params: Mapping[str, Any], i
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def path_stats(path: Path) -> tuple[int, int, str]:
-    """(size, mtime_ns, checksum) of a file, or of a directory tree (size = total bytes,
-    checksum over the sorted (name, size) list: hashing every chunk of a pyramid is too slow)."""
-    if path.is_dir():
-        entries = []
-        total = 0
-        for root, _dirs, files in os.walk(path):
-            for name in files:
-                full = Path(root) / name
-                size = full.stat().st_size
-                total += size
-                entries.append(f"{full.relative_to(path).as_posix()}\t{size}")
-        entries.sort()
-        digest = hashlib.sha256("\n".join(entries).encode()).hexdigest()
-        return total, 0, digest
-    st = path.stat()
-    return st.st_size, st.st_mtime_ns, sha256_file(path)
-
-
 def unchanged_on_disk(path: Path, row: FileLog) -> bool:
     """Is the file (or directory tree) at `path` the one `row` recorded? Files: same size and
     mtime, or else the same sha256 (a file touched but not changed still counts); directories:
@@ -137,27 +125,6 @@ def unchanged_on_disk(path: Path, row: FileLog) -> bool:
     if st.st_size != row.size:
         return False
     return st.st_mtime_ns == row.mtime_ns or sha256_file(path) == row.checksum
-
-
-def _run_in_worker(func: Callable, kwargs: Mapping[str, Any], outputs: Sequence[str], where: str, debug: bool):
-    """Worker side: run the task, then checksum its outputs here, in parallel, not in the parent."""
-    try:
-        result = func(**kwargs)
-        stats = {}
-        for out in outputs:
-            path = Path(out)
-            if not path.exists():
-                raise SlidepipeError("the task finished without writing this output", path)
-            stats[out] = path_stats(path)
-        return ("ok", dict(result or {}), stats)
-    except SlidepipeError as exc:
-        reason = exc.reason if exc.path else str(exc)
-        return ("error", exc.path or where, reason + (("\n" + traceback.format_exc()) if debug else ""))
-    except MemoryError:
-        return ("error", where, "out of memory")
-    except Exception as exc:  # a bug or an unexpected library error: still one line per file
-        detail = traceback.format_exc() if debug else f"{type(exc).__name__}: {exc}"
-        return ("error", where, detail)
 
 
 class StageContext:
@@ -311,7 +278,9 @@ class StageContext:
         bar = tqdm(total=len(todo), desc=desc, unit="task", disable=None, file=sys.stderr)
         workers = min(self.settings.workers, len(todo))
         try:
-            if workers <= 1 or self.settings.debug:
+            if self.settings.queue_url:
+                self._run_queue(todo, results, bar)
+            elif workers <= 1 or self.settings.debug:
                 for task, fp, input_ids in todo:
                     outcome = _run_in_worker(task.func, task.kwargs, [str(o) for o in task.outputs], task.describe(), self.settings.debug)
                     self._finish(task, fp, input_ids, outcome, results)
@@ -343,6 +312,47 @@ class StageContext:
                         outcome = ("error", task.describe(), "the worker process died (killed, or out of memory)")
                     self._finish(task, fp, input_ids, outcome, results)
                     bar.update()
+
+    def _run_queue(self, todo, results, bar) -> None:
+        """The tasks onto the task queue for `create_pipeline worker`s, then wait for their
+        result files and record each one as the local pool's (`pipeline.queued`). A task done
+        twice (its worker was thought dead after its lease) is recorded once. The batch's
+        sub-queue and results are removed however this ends, so an interrupted run's tasks are
+        not run later (a worker drops a task whose run has ended)."""
+        import uuid
+
+        from pipeline.queued import Batch, read_outcome, task_spec
+
+        root = self.layout.data_root
+        batch = Batch(self.settings.queue_url, root, f"{self.animal}-{self.stage}-{self.run_id}-{uuid.uuid4().hex[:8]}")
+        waiting = {task.key: (task, fp, input_ids) for task, fp, input_ids in todo}
+        try:
+            batch.insert(task_spec(batch.name, task.key, task.func, task.kwargs, [str(o) for o in task.outputs],
+                                   task.describe(), self.settings.debug, root, self.settings.queue_url)
+                         for task, _fp, _ids in todo)
+            last = time.monotonic()
+            while waiting:
+                arrived = batch.arrived()
+                for path in arrived:
+                    key = json.loads(path.read_text())["key"]
+                    if key in waiting:
+                        task, fp, input_ids = waiting.pop(key)
+                        _key, outcome = read_outcome(path, [str(o) for o in task.outputs], root)
+                        self._finish(task, fp, input_ids, outcome, results)
+                        bar.update()
+                    path.unlink(missing_ok=True)  # a second completion of a recorded task: once is enough
+                if arrived:
+                    last = time.monotonic()
+                elif time.monotonic() - last >= QUEUE_QUIET_SECONDS:
+                    names = ", ".join(t.describe() for t, _f, _i in list(waiting.values())[:3])
+                    tqdm.write(f"waiting for {len(waiting)} task(s) on {self.settings.queue_url} (no result for "
+                               f"{QUEUE_QUIET_SECONDS:.0f} s), e.g. {names}: is a `create_pipeline worker --queue "
+                               f"{self.settings.queue_url} --data-root DIR` running?", file=sys.stderr)
+                    last = time.monotonic()
+                else:
+                    time.sleep(QUEUE_POLL_SECONDS)
+        finally:
+            batch.remove()
 
     def _record_failure(self, failure: TaskFailure) -> None:
         self.failures.append(failure)

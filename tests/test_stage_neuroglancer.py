@@ -21,6 +21,7 @@ from pipeline.create_pipeline import main
 from pipeline.layout import AnimalLayout
 from pipeline.publish.validate import verify_layer
 from tests.helpers_db import record_outputs, seed_sections
+from tests.helpers_queue import worker
 
 ANIMAL = "NG1"
 
@@ -208,8 +209,10 @@ def test_full_resolution_with_z_padding_and_a_queue(tmp_path, sqlite_url):
     layout = AnimalLayout(tmp_path / "data", ANIMAL)
     paths = place_aligned(layout, seed_animal(sqlite_url, 5, resolution_um=0.5, z_um=1.0), 100, 120, downsample=False,
                           db_url=sqlite_url)
-    code = cli(tmp_path, sqlite_url, "--downsample", "false", "--chunk-size", "16,16,2",
-               "--queue", "fq://" + str(tmp_path / "queue"), "--verify-sample", "0")
+    queue = "fq://" + str(tmp_path / "queue")
+    with worker(queue, tmp_path / "data", tmp_path / "worker"):  # the runner only waits for queued tasks
+        code = cli(tmp_path, sqlite_url, "--downsample", "false", "--chunk-size", "16,16,2",
+                   "--queue", queue, "--verify-sample", "0")
     assert code == 0
     layer = layout.precomputed_layer(1, False)
     info = json.loads((layer / "info").read_text())

@@ -36,6 +36,7 @@ from pipeline.publish.common import (
     PROVENANCE_STEP, ROW_BAND_BYTES, PrecomputedError, SectionRows, open_section, stack_windows,
 )
 from pipeline.publish.validate import verify_layer
+from pipeline.queued import BUILDS_DIR, QueueTaskError, build_queue, remove_build_queue, run_worker  # noqa: F401
 
 RECHUNKME_CHUNK = (64, 64, 1)
 """Step 1 chunks: one section plane per chunk, so each section task writes only its own files."""
@@ -223,35 +224,6 @@ def _keep_start_method() -> Iterator[None]:
         multiprocessing.set_start_method(previous, force=True)
 
 
-BUILDS_DIR = "builds"
-"""Under an fq:// queue directory: one sub-queue per layer build, named `<layer>-<random>`."""
-
-
-def build_queue(queue_url: str, layer_name: str) -> tuple[str, str]:
-    """(URL, name) of a new sub-queue of its own for one build on the shared `queue_url`.
-
-    A lab-wide fq:// queue is shared by every run; each build inserts, waits for and (on failure)
-    purges only its own sub-queue, so one run never runs, waits for or deletes another's tasks.
-    `create_pipeline worker --queue URL` finds the sub-queues under URL (`run_worker`). Other
-    queue kinds (sqs://) are used as they are, shared, and never purged.
-    """
-    import uuid
-
-    if not queue_url.startswith("fq://"):
-        return queue_url, ""
-    name = f"{BUILDS_DIR}/{layer_name}-{uuid.uuid4().hex[:12]}"
-    return f"{queue_url.rstrip('/')}/{name}", name
-
-
-def remove_build_queue(queue_url: str, name: str) -> None:
-    """Delete a build's sub-queue (its tasks, leased ones included, and its directory)."""
-    if name:
-        from taskqueue import TaskQueue
-
-        TaskQueue(queue_url, progress=False).purge()
-        shutil.rmtree(queue_url[len("fq://"):], ignore_errors=True)
-
-
 def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, lease_seconds: int = 600) -> int:
     """Execute igneous tasks and return when all are done.
 
@@ -265,7 +237,10 @@ def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, l
 
         queue = TaskQueue(queue_url, progress=False)
         count = queue.insert(tasks)
-        run_worker(queue_url, lease_seconds=lease_seconds, stop_when_empty=True, sub_queues=False)
+        try:
+            run_worker(queue_url, lease_seconds=lease_seconds, stop_when_empty=True, sub_queues=False)
+        except QueueTaskError as exc:
+            raise PrecomputedError(f"an igneous task from the queue failed: {exc.reason}", exc.path) from exc
         return count
     from taskqueue import LocalTaskQueue
 
@@ -277,76 +252,6 @@ def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, l
         except Exception as exc:
             raise PrecomputedError(f"an igneous task failed: {type(exc).__name__}: {exc}") from exc
     return count
-
-
-def _build_queues(queue_url: str) -> list[str]:
-    """The sub-queues of the builds under an fq:// queue, oldest first."""
-    if not queue_url.startswith("fq://"):
-        return []
-    builds = Path(queue_url[len("fq://"):]) / BUILDS_DIR
-    try:
-        found = sorted((e for e in os.scandir(builds) if e.is_dir()), key=lambda e: e.stat().st_mtime)
-    except FileNotFoundError:
-        return []
-    return [f"{queue_url.rstrip('/')}/{BUILDS_DIR}/{e.name}" for e in found]
-
-
-def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool = False,
-               sub_queues: bool = True) -> int:
-    """Process queued igneous tasks (the `create_pipeline worker` command); returns tasks run.
-
-    With `stop_when_empty` it returns once no task is left, leased ones included (they are
-    re-leased here if their worker dies); otherwise it polls forever. `sub_queues`: also work on
-    every build's own sub-queue under an fq:// `queue_url` (what the neuroglancer stage inserts
-    into, `build_queue`); a task that fails there is left to its build, which fails on it.
-    """
-    import igneous.tasks  # noqa: F401  registers igneous's task classes for deserialising
-
-    if sub_queues and queue_url.startswith("fq://"):
-        done = 0
-        while True:
-            urls = [queue_url, *_build_queues(queue_url)]
-            for url in urls:
-                try:
-                    done += _poll(url, lease_seconds, stop_when_empty=True)
-                except (PrecomputedError, OSError) as exc:
-                    log.warning("%s", exc)  # that build fails on its own; the others go on
-            if stop_when_empty and all(_is_empty(url) for url in [queue_url, *_build_queues(queue_url)]):
-                return done
-            time.sleep(1.0)
-    return _poll(queue_url, lease_seconds, stop_when_empty)
-
-
-def _gone(url: str) -> bool:
-    """A build's sub-queue its build already removed (opening it would create it again)."""
-    return url.startswith("fq://") and f"/{BUILDS_DIR}/" in url and not Path(url[len("fq://"):]).is_dir()
-
-
-def _is_empty(url: str) -> bool:
-    from taskqueue import TaskQueue
-
-    if _gone(url):
-        return True
-    try:
-        return TaskQueue(url, progress=False).is_empty()
-    except OSError:
-        return True
-
-
-def _poll(queue_url: str, lease_seconds: int, stop_when_empty: bool) -> int:
-    from taskqueue import TaskQueue
-
-    if _gone(queue_url):
-        return 0
-    queue = TaskQueue(queue_url, progress=False)
-    stop = queue.is_empty if stop_when_empty else None
-    if stop_when_empty and queue.is_empty():
-        return 0
-    try:
-        return queue.poll(lease_seconds=int(lease_seconds), stop_fn=(lambda: stop()) if stop else None,
-                          verbose=False, max_backoff_window=2)
-    except Exception as exc:
-        raise PrecomputedError(f"an igneous task from the queue failed: {type(exc).__name__}: {exc}", queue_url) from exc
 
 
 @contextlib.contextmanager
