@@ -35,7 +35,7 @@ from pipeline.imaging.pyramid import PyramidPlan, plan_pyramid
 from pipeline.publish.common import (
     PROVENANCE_STEP, ROW_BAND_BYTES, PrecomputedError, SectionRows, open_section, stack_windows,
 )
-from pipeline.publish.validate import verify_layer
+from pipeline.publish.validate import LayerVerificationError, verify_layer
 from pipeline.queued import BUILDS_DIR, QueueTaskError, build_queue, remove_build_queue, run_worker  # noqa: F401
 
 RECHUNKME_CHUNK = (64, 64, 1)
@@ -271,9 +271,39 @@ def _scale_count(layer_dir: Path) -> int:
     return len(read_info(layer_dir)["scales"])
 
 
+def _transfer_plan(src_dir: Path, chunk_size: Sequence[int], max_mips: int | None, memory_target: int):
+    """The pyramid plan of the step-1 layer, the transfer's task shape and how many leading
+    2x2x1 levels the transfer tasks make themselves (as many as a task of `memory_target` holds)."""
+    src_info = read_info(src_dir)
+    scale0 = src_info["scales"][0]
+    chunk = tuple(int(c) for c in chunk_size)
+    plan = plan_pyramid(tuple(scale0["size"]), tuple(scale0["resolution"]), chunk, max_mips)
+    if tuple(plan.size) != tuple(scale0["size"]):
+        raise PrecomputedError(
+            f"step-1 layer is {scale0['size']} voxels, but chunk size {list(chunk)} needs it padded to "
+            f"{list(plan.size)}: make it with make_info(..., final_chunk_size={list(chunk)})", src_dir / "info")
+    itemsize = np.dtype(src_info["data_type"]).itemsize
+    channels = int(src_info["num_channels"])
+    exponent = _task_shape_exponent(chunk, itemsize, channels, memory_target)
+    runs = plan.runs()
+    in_transfer = min(slab_levels(plan), exponent)
+    shape_exp = in_transfer if in_transfer else exponent
+    shape = [chunk[0] * 2**shape_exp, chunk[1] * 2**shape_exp, chunk[2]]
+    return plan, chunk, runs, shape, in_transfer
+
+
+def slab_levels(plan: PyramidPlan) -> int:
+    """Levels above mip 0 that keep z (the leading 2x2x1 run): a z-slab of whole chunks maps to the
+    same z-slab at each of them, so they can be built slab by slab; the levels after them halve z
+    and are built once from the last of these."""
+    runs = plan.runs()
+    return runs[0][1] if runs and runs[0][2] == (2, 2, 1) else 0
+
+
 def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_size: Sequence[int] = DEFAULT_CHUNK,
                             max_mips: int | None = None, workers: int = 1, queue_url: str | None = None,
-                            memory_target: int = DEFAULT_MEMORY_TARGET, sharded: bool = False) -> dict:
+                            memory_target: int = DEFAULT_MEMORY_TARGET, sharded: bool = False,
+                            z_range: Sequence[int] | None = None) -> dict:
     """Rechunk the step-1 layer into a gzip layer and build its pyramid with igneous.
 
     `sharded`: every mip in igneous's sharded format (`_sharded_rounds`) instead of a file per chunk.
@@ -284,26 +314,25 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
     Returns the plan and the rounds (which level each level was computed from: the verifier
     needs it, see `block_mean_floor`). With a queue, the build's tasks go to a sub-queue of its
     own (`build_queue`, its name in the result's `queue`), removed when the build ends.
+
+    `z_range` (z0, z1): one z-slab only, into an existing (partial) `dest_dir`: mip 0 and the
+    `slab_levels` of the sections z0..z1-1 (z0 a multiple of the chunk z). igneous's task grid
+    starts at the bounds, so these are exactly the tasks of a whole build that cover the slab.
     """
     src_dir, dest_dir = Path(src_dir), Path(dest_dir)
-    src_info = read_info(src_dir)
-    scale0 = src_info["scales"][0]
-    chunk = tuple(int(c) for c in chunk_size)
-    plan = plan_pyramid(tuple(scale0["size"]), tuple(scale0["resolution"]), chunk, max_mips)
-    if tuple(plan.size) != tuple(scale0["size"]):
-        raise PrecomputedError(
-            f"step-1 layer is {scale0['size']} voxels, but chunk size {list(chunk)} needs it padded to "
-            f"{list(plan.size)}: make it with make_info(..., final_chunk_size={list(chunk)})", src_dir / "info")
-    if dest_dir.exists():
+    plan, chunk, runs, shape, in_transfer = _transfer_plan(src_dir, chunk_size, max_mips, memory_target)
+    bounds = None
+    if z_range is not None:
+        z0, z1 = (int(v) for v in z_range)
+        if z0 % chunk[2] or not 0 <= z0 < z1 <= plan.size[2] or sharded:
+            raise PrecomputedError(f"cannot build the slab z {z0}..{z1} (chunk z {chunk[2]}, size {list(plan.size)}"
+                                   f"{', sharded' if sharded else ''})", dest_dir)
+        from cloudvolume.lib import Bbox
+
+        bounds = Bbox((0, 0, z0), (plan.size[0], plan.size[1], z1))
+        runs = runs[:1] if slab_levels(plan) else []
+    elif dest_dir.exists():
         shutil.rmtree(dest_dir)
-    itemsize = np.dtype(src_info["data_type"]).itemsize
-    channels = int(src_info["num_channels"])
-    exponent = _task_shape_exponent(chunk, itemsize, channels, memory_target)
-    runs = plan.runs()
-    leading = runs[0][1] if runs and runs[0][2] == (2, 2, 1) else 0
-    in_transfer = min(leading, exponent)
-    shape_exp = in_transfer if in_transfer else exponent
-    shape = [chunk[0] * 2**shape_exp, chunk[1] * 2**shape_exp, chunk[2]]
     src_url, dest_url = file_url(src_dir), file_url(dest_dir)
     started = time.perf_counter()
     queue_url, queue_name = build_queue(queue_url, dest_dir.name) if queue_url else (None, "")
@@ -312,20 +341,23 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
             return _sharded_build(src_url, dest_url, dest_dir, plan, runs, chunk, memory_target, workers, queue_url,
                                   queue_name, started)
         return _transfer_and_downsample(src_url, dest_url, dest_dir, plan, runs, chunk, shape, in_transfer,
-                                        memory_target, workers, queue_url, queue_name, started)
+                                        memory_target, workers, queue_url, queue_name, started, bounds)
     finally:
         # done or abandoned: its tasks must not be run later into a directory that means nothing
         remove_build_queue(queue_url, queue_name)
 
 
 def _transfer_and_downsample(src_url, dest_url, dest_dir: Path, plan, runs, chunk, shape, in_transfer,
-                             memory_target, workers, queue_url, queue_name, started) -> dict:
+                             memory_target, workers, queue_url, queue_name, started, bounds=None) -> dict:
     import igneous.task_creation as tc
 
     with _prints_to_log():
+        # The dest info is cut back to mip 0 (truncate_scales) and the levels are added again by
+        # each round, as in a whole build: a slab's rounds then see and make the same levels.
         tasks = list(tc.create_transfer_tasks(
             src_url, dest_url, chunk_size=list(chunk), shape=shape, compress="gzip", encoding="raw",
             skip_downsamples=in_transfer == 0, factor=(2, 2, 1), fill_missing=False, no_src_update=True,
+            bounds=bounds,
         ))
     count = run_tasks(tasks, workers=workers, queue_url=queue_url)
     made = _scale_count(dest_dir) - 1
@@ -336,8 +368,11 @@ def _transfer_and_downsample(src_url, dest_url, dest_dir: Path, plan, runs, chun
         dest_dir, runs, made, "downsample", workers, queue_url,
         lambda mip, wanted, factor: tc.create_downsampling_tasks(
             dest_url, mip=mip, num_mips=wanted, factor=factor, compress="gzip",
-            fill_missing=False, preserve_chunk_size=True, memory_target=memory_target,
+            fill_missing=False, preserve_chunk_size=True, memory_target=memory_target, bounds=bounds,
         ))
+    if bounds is not None:
+        return {"rounds": rounds, "levels": _scale_count(dest_dir) - 1,
+                "seconds": {"transfer": round(transfer_seconds, 3), "total": round(time.perf_counter() - started, 3)}}
     return _built(dest_dir, plan, chunk, rounds, queue_name, transfer_seconds, started, sharded=False)
 
 
@@ -537,17 +572,30 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
     with atomic_path(dest_dir) as tmp:
         built = transfer_and_downsample(src_dir, tmp, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
                                         queue_url=queue_url, memory_target=memory_target, sharded=sharded)
-        # The stack's own extent: the layer can be larger by the pyramid's zero padding.
-        built["seconds"]["window"] = window_seconds
-        # `window`: the display window of the published voxels (web.state reads it from here)
-        step = {"params": dict(params or {}), "stack": dataclasses.asdict(stack),
-                "sections": [str(s) for s in sections], "window": list(window), **built}
-        write_provenance(tmp, description or f"Neuroglancer precomputed layer {dest_dir.name}", step,
-                         sources=[str(s) for s in sections])
-        started = time.perf_counter()
-        report = verify_layer(tmp, sections, rounds=built["rounds"], sample=sample)
-        built["seconds"]["verify"] = round(time.perf_counter() - started, 3)
-    _served_provenance(dest_dir, tmp, Path(root) if root else _common_root(dest_dir, sections))
+        report = _provenance_and_verify(tmp, dest_dir, sections, stack, built, window, window_seconds, sample,
+                                        description, params)
+    return _published(src_dir, dest_dir, tmp, sections, built, report, window, keep_rechunkme, root)
+
+
+def _provenance_and_verify(built_at: Path, dest_dir: Path, sections, stack: StackShape, built: dict, window,
+                           window_seconds: float, sample: int | None, description: str, params) -> dict:
+    # The stack's own extent: the layer can be larger by the pyramid's zero padding.
+    built["seconds"]["window"] = window_seconds
+    # `window`: the display window of the published voxels (web.state reads it from here)
+    step = {"params": dict(params or {}), "stack": dataclasses.asdict(stack),
+            "sections": [str(s) for s in sections], "window": list(window), **built}
+    write_provenance(built_at, description or f"Neuroglancer precomputed layer {dest_dir.name}", step,
+                     sources=[str(s) for s in sections])
+    started = time.perf_counter()
+    report = verify_layer(built_at, sections, rounds=built["rounds"], sample=sample)
+    built["seconds"]["verify"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _published(src_dir, dest_dir: Path, built_at: Path, sections, built: dict, report: dict, window,
+               keep_rechunkme: bool, root) -> dict:
+    """After the rename: the served provenance, then (only now) the step-1 layer goes."""
+    _served_provenance(dest_dir, built_at, Path(root) if root else _common_root(dest_dir, sections))
     removed = False
     if not keep_rechunkme:
         started = time.perf_counter()
@@ -557,6 +605,155 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
     return {"mips": report["mips"], "verified": report["checked"], "plan": built["plan"], "rounds": built["rounds"],
             "window": list(window), "seconds": built["seconds"], "rechunkme_deleted": removed,
             "sharded": built["sharded"]}
+
+
+# ------------------------------------------------------------------------------------------
+# z-slab publishing: temporary files bounded by one slab, whatever the section count
+SLAB_BYTES = 1024**3
+"""Default slab: whole final chunks deep (at least one), about this many bytes of step-1 chunks."""
+
+PARTIAL_DIR = "partial"
+"""Inside the step-1 layer: the published layer while it is built slab by slab (deleted with it)."""
+
+
+def default_slab_depth(stack: StackShape, chunk_z: int, slab_bytes: int = SLAB_BYTES) -> int:
+    """Sections per slab: a multiple of the final chunk z holding about `slab_bytes` of step-1
+    chunks (one chunk deep at least: a 30000 x 20000 uint16 section is 1.2 GB alone). Small
+    stacks fit one slab and are built as a whole, as before."""
+    plane = stack.width * stack.height * stack.channels * np.dtype(stack.dtype).itemsize
+    return int(chunk_z) * max(1, int(slab_bytes) // (plane * int(chunk_z)))
+
+
+def slab_ranges(size_z: int, chunk_z: int, slab_depth: int | None) -> list[tuple[int, int]]:
+    """z ranges [z0, z1) of the slabs of a padded depth `size_z`; one range: build it whole."""
+    if not slab_depth or slab_depth >= size_z:
+        return [(0, int(size_z))]
+    if slab_depth % chunk_z:
+        raise PrecomputedError(f"slab depth {slab_depth} is not a multiple of the chunk z {chunk_z}")
+    return [(z, min(z + slab_depth, size_z)) for z in range(0, size_z, slab_depth)]
+
+
+def prepare_slab_build(partial_dir: str | Path, markers_dir: str | Path, stamp: Mapping[str, Any]) -> None:
+    """Start or resume a slab-wise build: the partial layer and the finished slabs' markers are
+    kept only when both exist and were made with the same parameters (`stamp`); otherwise both go,
+    so a marker never vouches for a slab that is not in the partial layer."""
+    partial_dir, markers_dir = Path(partial_dir), Path(markers_dir)
+    path = markers_dir / "params.json"
+    text = json.dumps(dict(stamp), sort_keys=True, default=str)
+    try:
+        same = path.read_text() == text and (partial_dir / "info").is_file()
+    except FileNotFoundError:
+        same = False
+    if not same:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        shutil.rmtree(markers_dir, ignore_errors=True)
+        markers_dir.mkdir(parents=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+
+
+def publish_slab(src_dir: str | Path, partial_dir: str | Path, sections: Sequence[str | Path], z0: int, z1: int, *,
+                 chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None, workers: int = 1,
+                 queue_url: str | None = None, sample: int | None = 32,
+                 memory_target: int = DEFAULT_MEMORY_TARGET) -> dict:
+    """Transfer one slab of the step-1 layer into the partial layer, make its z-keeping levels
+    and verify them against the sections, so its step-1 chunks may be deleted next."""
+    built = transfer_and_downsample(src_dir, partial_dir, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
+                                    queue_url=queue_url, memory_target=memory_target, z_range=(z0, z1))
+    started = time.perf_counter()
+    report = verify_layer(partial_dir, sections, rounds=built["rounds"], sample=sample,
+                          mips=range(built["levels"] + 1), z_range=(z0, z1))
+    built["seconds"]["verify"] = round(time.perf_counter() - started, 3)
+    return {"z": [int(z0), int(z1)], **built, "verified": report["checked"]}
+
+
+def delete_rechunkme_slab(src_dir: str | Path, z0: int, z1: int) -> dict:
+    """Delete the step-1 chunks of sections z0..z1-1 (after their slab was verified)."""
+    from pipeline.publish.validate import expected_chunks
+
+    scale = read_info(src_dir)["scales"][0]
+    folder = Path(src_dir) / scale["key"]
+    files = size = 0
+    for chunk in expected_chunks(scale, (z0, z1)):
+        for name in (chunk.name, chunk.name + ".gz"):
+            path = folder / name
+            try:
+                size += path.stat().st_size
+                path.unlink()
+                files += 1
+            except FileNotFoundError:
+                continue
+    return {"files": files, "bytes": size}
+
+
+def _merged_slab_rounds(slabs: Sequence[Mapping[str, Any]], where: Path) -> tuple[int, list[dict]]:
+    """The slab rounds as one build's (task counts summed); every slab must have made the same levels."""
+    if not slabs:
+        raise PrecomputedError("no finished slab to publish", where)
+    shape = [(r["kind"], r["from_mip"], r["mips"]) for r in slabs[0]["rounds"]]
+    rounds = [dict(r) for r in slabs[0]["rounds"]]
+    for slab in slabs[1:]:
+        if [(r["kind"], r["from_mip"], r["mips"]) for r in slab["rounds"]] != shape:
+            raise PrecomputedError(f"slab z {slab['z']} made other levels than slab z {slabs[0]['z']}", where)
+        for total, r in zip(rounds, slab["rounds"]):
+            total["tasks"] += r["tasks"]
+    return int(slabs[0]["levels"]), rounds
+
+
+def _trim_scales(layer_dir: Path, levels: int) -> None:
+    """Drop levels above `levels` (left by a killed finishing step) with their files."""
+    info = read_info(layer_dir)
+    for scale in info["scales"][levels + 1:]:
+        shutil.rmtree(layer_dir / scale["key"], ignore_errors=True)
+    if len(info["scales"]) > levels + 1:
+        info["scales"] = info["scales"][:levels + 1]
+        write_info(layer_dir, info)
+
+
+def finish_slab_build(src_dir: str | Path, partial_dir: str | Path, dest_dir: str | Path,
+                      sections: Sequence[str | Path], slabs: Sequence[Mapping[str, Any]], *,
+                      chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None, workers: int = 1,
+                      queue_url: str | None = None, keep_rechunkme: bool = False, sample: int | None = 32,
+                      description: str = "", params: Mapping[str, Any] | None = None,
+                      memory_target: int = DEFAULT_MEMORY_TARGET, root: str | Path | None = None) -> dict:
+    """After every slab: the levels that halve z, from the last slab-wise level of the whole
+    volume (small: 1/4**levels of mip 0), then provenance, verification of the whole layer, the
+    rename into place and the step-1 layer's deletion, as `publish_layer` does."""
+    src_dir, partial_dir, dest_dir = Path(src_dir), Path(partial_dir), Path(dest_dir)
+    import igneous.task_creation as tc
+
+    stack = inspect_stack(sections)
+    started = time.perf_counter()
+    window = stack_windows(sections)[0]
+    window_seconds = round(time.perf_counter() - started, 3)
+    plan, chunk, runs, _, _ = _transfer_plan(src_dir, chunk_size, max_mips, memory_target)
+    levels, rounds = _merged_slab_rounds(slabs, partial_dir)
+    _trim_scales(partial_dir, levels)
+    started = time.perf_counter()
+    queue_url, queue_name = build_queue(queue_url, dest_dir.name) if queue_url else (None, "")
+    dest_url = file_url(partial_dir)
+    try:
+        rounds += _downsample_rounds(
+            partial_dir, runs, levels, "downsample", workers, queue_url,
+            lambda mip, wanted, factor: tc.create_downsampling_tasks(
+                dest_url, mip=mip, num_mips=wanted, factor=factor, compress="gzip",
+                fill_missing=False, preserve_chunk_size=True, memory_target=memory_target,
+            ))
+    finally:
+        remove_build_queue(queue_url, queue_name)
+    slab_seconds = sum(float(s["seconds"]["total"]) + float(s["seconds"].get("verify", 0)) for s in slabs)
+    built = _built(partial_dir, plan, chunk, rounds, queue_name, slab_seconds, started, sharded=False)
+    built["slabs"] = [list(s["z"]) for s in slabs]
+    try:
+        report = _provenance_and_verify(partial_dir, dest_dir, sections, stack, built, window, window_seconds, sample,
+                                        description, params)
+    except LayerVerificationError:
+        shutil.rmtree(partial_dir, ignore_errors=True)  # a wrong layer is never resumed
+        raise
+    if dest_dir.is_dir():
+        shutil.rmtree(dest_dir)
+    os.replace(partial_dir, dest_dir)
+    return _published(src_dir, dest_dir, partial_dir, sections, built, report, window, keep_rechunkme, root)
 
 
 def _common_root(layer_dir: Path, sections: Sequence[str | Path]) -> Path:
@@ -596,18 +793,43 @@ def publish_stack(sections: Sequence[str | Path], dest_dir: str | Path, xy_um: f
                   chunk_size: Sequence[int] = DEFAULT_CHUNK, rechunk_chunk_size: Sequence[int] = RECHUNKME_CHUNK,
                   max_mips: int | None = None, workers: int = 1, queue_url: str | None = None,
                   keep_rechunkme: bool = False, sample: int | None = 32, rechunkme_dir: str | Path | None = None,
-                  description: str = "", sharded: bool = False) -> dict:
-    """Both steps in this process, for scripts, tests and the benchmark."""
+                  description: str = "", sharded: bool = False, slab_depth: int | None = None,
+                  memory_target: int = DEFAULT_MEMORY_TARGET) -> dict:
+    """Both steps in this process, for scripts, tests and the benchmark.
+
+    `slab_depth` (sections, a multiple of the chunk z): step 1, transfer, z-keeping levels and
+    verification one slab at a time, deleting each slab's step-1 chunks before the next (as the
+    stage does); None or 0: the whole stack at once. Not resumable here (the stage is)."""
     dest_dir = Path(dest_dir)
     src_dir = Path(rechunkme_dir) if rechunkme_dir else dest_dir.with_name(dest_dir.name + "_rechunkme")
     stack = inspect_stack(sections)
     voxel = voxel_size_nm(xy_um, z_um)
     create_rechunkme_layer(src_dir, stack, voxel, chunk_size, max_mips, rechunk_chunk_size)
-    for z, path in enumerate(sections):
-        write_rechunkme_section(str(src_dir), str(path), z, stack.width, stack.height)
-    for z in padding_sections(src_dir, len(sections)):
+    size_z = int(read_info(src_dir)["scales"][0]["size"][2])
+    slabs = [] if sharded else slab_ranges(size_z, int(chunk_size[2]), slab_depth)
+    options = dict(chunk_size=chunk_size, max_mips=max_mips, workers=workers, queue_url=queue_url, sample=sample,
+                   memory_target=memory_target)
+    params = {"xy_um": xy_um, "z_um": z_um, "chunk_size": list(chunk_size), "max_mips": max_mips, "sharded": sharded}
+    if len(slabs) > 1:
+        partial = src_dir / PARTIAL_DIR
+        shutil.rmtree(partial, ignore_errors=True)
+        done = []
+        for z0, z1 in slabs:
+            for z in range(z0, z1):
+                _write_stack_plane(src_dir, sections, stack, z)
+            done.append(publish_slab(src_dir, partial, sections, z0, z1, **options))
+            if not keep_rechunkme:
+                delete_rechunkme_slab(src_dir, z0, z1)
+        return finish_slab_build(src_dir, partial, dest_dir, sections, done, keep_rechunkme=keep_rechunkme,
+                                 description=description, params=params, **options)
+    for z in range(size_z):
+        _write_stack_plane(src_dir, sections, stack, z)
+    return publish_layer(src_dir, dest_dir, sections, keep_rechunkme=keep_rechunkme, description=description,
+                         sharded=sharded, params=params, **options)
+
+
+def _write_stack_plane(src_dir: Path, sections: Sequence[str | Path], stack: StackShape, z: int) -> None:
+    if z < len(sections):
+        write_rechunkme_section(str(src_dir), str(sections[z]), z, stack.width, stack.height)
+    else:
         write_padding_section(str(src_dir), z)
-    return publish_layer(src_dir, dest_dir, sections, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
-                         queue_url=queue_url, keep_rechunkme=keep_rechunkme, sample=sample, description=description,
-                         sharded=sharded, params={"xy_um": xy_um, "z_um": z_um, "chunk_size": list(chunk_size),
-                                                  "max_mips": max_mips, "sharded": sharded})

@@ -63,8 +63,9 @@ def load_info(layer_dir: str | Path) -> dict:
         raise LayerVerificationError(["no info file"], path) from None
 
 
-def expected_chunks(scale: dict) -> Iterator[Chunk]:
-    """The chunk grid of one scale of the info: every file a complete layer must have."""
+def expected_chunks(scale: dict, z_range: Sequence[int] | None = None) -> Iterator[Chunk]:
+    """The chunk grid of one scale of the info: every file a complete layer must have (with
+    `z_range` (z0, z1): those whose z start lies in it, the chunks of one z-slab)."""
     size = scale["size"]
     offset = scale.get("voxel_offset", [0, 0, 0])
     chunk = scale["chunk_sizes"][0]
@@ -72,6 +73,8 @@ def expected_chunks(scale: dict) -> Iterator[Chunk]:
     for axis in range(3):
         lo, hi, step = offset[axis], offset[axis] + size[axis], chunk[axis]
         ranges.append([(a, min(a + step, hi)) for a in range(lo, hi, step)])
+    if z_range is not None:
+        ranges[2] = [r for r in ranges[2] if z_range[0] <= r[0] < z_range[1]]
     for z0, z1 in ranges[2]:
         for y0, y1 in ranges[1]:
             for x0, x1 in ranges[0]:
@@ -83,6 +86,18 @@ def _listing(mip_dir: Path) -> dict[str, int]:
         return {e.name: e.stat().st_size for e in os.scandir(mip_dir) if e.is_file()}
     except FileNotFoundError:
         return {}
+
+
+def _sizes(mip_dir: Path, chunks: Sequence[Chunk]) -> dict[str, int]:
+    """Like `_listing`, but only the files of `chunks` (a slab's, without listing the whole level)."""
+    found = {}
+    for chunk in chunks:
+        for name in (chunk.name + ".gz", chunk.name):
+            try:
+                found[name] = (mip_dir / name).stat().st_size
+            except FileNotFoundError:
+                continue
+    return found
 
 
 def mip_manifest(layer_dir: str | Path, mip: int, info: dict | None = None, chunks: int | None = None) -> dict:
@@ -295,7 +310,8 @@ def _diff(what: str, got: np.ndarray, want: np.ndarray, chunk: Chunk) -> str:
 
 
 def verify_layer(layer_dir: str | Path, sections: Sequence[str | Path], rounds: Sequence[dict] | None = None,
-                 sample: int | None = 32, seed: int = 0) -> dict:
+                 sample: int | None = 32, seed: int = 0, mips: Sequence[int] | None = None,
+                 z_range: Sequence[int] | None = None) -> dict:
     """Check every expected chunk file of every mip exists and decode a sample against its source.
 
     `sample` is the decoding budget per mip, in chunks: at mip 0 that many chunks are checked;
@@ -305,6 +321,10 @@ def verify_layer(layer_dir: str | Path, sections: Sequence[str | Path], rounds: 
     among them. None decodes and checks every chunk. `rounds` (from `transfer_and_downsample`,
     or read from the provenance file when omitted) allow an exact check of each level. Raises
     LayerVerificationError listing the problems; returns the per-mip manifests.
+
+    `mips` and `z_range` (z0, z1) limit the check to those levels' chunks starting in z0..z1-1:
+    one z-slab of a slab-wise build, checked before its step-1 chunks are deleted (the budget
+    then applies per slab; the manifests still describe the whole level).
     """
     layer_dir = Path(layer_dir)
     info = load_info(layer_dir)
@@ -316,7 +336,9 @@ def verify_layer(layer_dir: str | Path, sections: Sequence[str | Path], rounds: 
     checked = {}
     with SectionCache(sections) as cache:
         for mip, scale in enumerate(info["scales"]):
-            _verify_mip(layer_dir, info, mip, scale, cache, rounds, sample, rng, problems, manifests, checked)
+            if mips is None or mip in mips:
+                _verify_mip(layer_dir, info, mip, scale, cache, rounds, sample, rng, problems, manifests, checked,
+                            z_range)
     if problems:
         raise LayerVerificationError(problems, layer_dir)
     return {"mips": manifests, "checked": checked}
@@ -360,14 +382,15 @@ def _present_in_shards(layer_dir: Path, mip: int, scale: dict, chunks: list[Chun
 
 
 def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: SectionCache, rounds, sample: int | None,
-                rng: random.Random, problems: list[str], manifests: list[dict], checked: dict) -> None:
-    chunks = list(expected_chunks(scale))
+                rng: random.Random, problems: list[str], manifests: list[dict], checked: dict,
+                z_range: Sequence[int] | None = None) -> None:
+    chunks = list(expected_chunks(scale, z_range))
     if scale.get("sharding"):
         present = _present_in_shards(layer_dir, mip, scale, chunks, problems)
         _check_sample(layer_dir, info, mip, scale, present, cache, rounds, sample, rng, problems, checked)
         manifests.append({**mip_manifest(layer_dir, mip, info, chunks=len(present)), "expected_chunks": len(chunks)})
         return
-    files = _listing(layer_dir / scale["key"])
+    files = _listing(layer_dir / scale["key"]) if z_range is None else _sizes(layer_dir / scale["key"], chunks)
     present = []
     for chunk in chunks:
         size = files.get(chunk.name + ".gz", files.get(chunk.name))
@@ -378,7 +401,8 @@ def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: Secti
         else:
             present.append(chunk)
     _check_sample(layer_dir, info, mip, scale, present, cache, rounds, sample, rng, problems, checked)
-    manifests.append({**mip_manifest(layer_dir, mip, info), "expected_chunks": len(chunks)})
+    if z_range is None:  # a slab's check does not list the whole level
+        manifests.append({**mip_manifest(layer_dir, mip, info), "expected_chunks": len(chunks)})
 
 
 def _check_sample(layer_dir: Path, info: dict, mip: int, scale: dict, present: list[Chunk], cache: SectionCache,
