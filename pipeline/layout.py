@@ -215,6 +215,15 @@ class AnimalLayout:
         name = f"C{channel}{'T' if downsample else ''}{'_rechunkme' if rechunkme else ''}"
         return self.neuroglancer_data / name
 
+    def precomputed_partial(self, channel: int, downsample: bool) -> Path:
+        """The published layer while it is built z-slab by z-slab: inside the step-1 layer, so it
+        goes with it; renamed to `precomputed_layer` once complete and verified."""
+        return self.precomputed_layer(channel, downsample, rechunkme=True) / "partial"
+
+    def precomputed_slab_markers(self, channel: int, downsample: bool) -> Path:
+        """One JSON per finished slab (the slab tasks' recorded outputs), beside the partial layer."""
+        return self.precomputed_layer(channel, downsample, rechunkme=True) / "slidepipe_slabs"
+
     def omezarr(self, channel: int, downsample: bool = False) -> Path:
         return self.www / "omezarr" / f"C{channel}{'T' if downsample else ''}.ome.zarr"
 

@@ -8,6 +8,8 @@ the align stage.
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -334,3 +336,110 @@ def test_nothing_served_names_the_data_root_or_the_host(normalised_sample):
         text_files += 1
         assert not word.search(text), f"{path} names the host {host!r}"
     assert text_files >= 5
+
+
+# --------------------------------------------------------------------------------------------
+# z-slab publishing (issue 8.1)
+def _decoded(layer) -> dict[str, bytes]:
+    import gzip
+
+    out = {}
+    for scale in json.loads((layer / "info").read_text())["scales"]:
+        for path in sorted((layer / scale["key"]).iterdir()):
+            data = path.read_bytes()
+            out[f"{scale['key']}/{path.name}"] = gzip.decompress(data) if path.suffix == ".gz" else data
+    return out
+
+
+def test_a_failure_in_a_later_slab_resumes_without_redoing_finished_slabs(tmp_path, db_url):
+    """Three slabs of 4 sections; section 9 (slab 3) is truncated (its header reads, its pixels do
+    not): the run fails with slabs 1-2
+    done (their step-1 chunks already deleted). Repaired, the rerun skips them (runner counts;
+    their published chunk files keep their mtimes) and the layer equals the whole-stack build."""
+    from pipeline.publish import precomputed as pc
+
+    layout = AnimalLayout(tmp_path / "data", ANIMAL)
+    paths = place_aligned(layout, seed_animal(db_url, 12), 70, 70, db_url=db_url)
+    good = paths[9].read_bytes()
+    paths[9].write_bytes(good[:-2000])
+    record_outputs(db_url, layout.data_root, [paths[9]])
+    flags = ("--chunk-size", "16,16,2", "--slab-depth", "4", "--verify-sample", "0")
+    assert cli(tmp_path, db_url, *flags) == 1
+    run = last_run(db_url)
+    assert run.status == "failed" and paths[9].name in run.error
+    temp = layout.precomputed_layer(1, True, rechunkme=True)
+    partial = layout.precomputed_partial(1, True)
+    slab_markers = sorted(p.name for p in layout.precomputed_slab_markers(1, True).glob("z*.json"))
+    assert slab_markers == ["z00000-00004.json", "z00004-00008.json"]
+    info = json.loads((partial / "info").read_text())
+    key0 = info["scales"][0]["key"]
+    step1_z = sorted({int(p.name.split("_")[2].split("-")[0]) for p in (temp / key0).iterdir()})
+    assert step1_z == [8, 10, 11], "finished slabs' step-1 chunks are deleted; slab 3's written ones stay"
+    before = {p.name: p.stat().st_mtime_ns for p in (partial / key0).iterdir()}
+    assert before and all(int(n.split("_")[2].split("-")[0]) < 8 for n in before)
+    assert not layout.precomputed_layer(1, True).exists()
+
+    paths[9].write_bytes(good)
+    record_outputs(db_url, layout.data_root, [paths[9]])
+    assert cli(tmp_path, db_url, *flags) == 0
+    run = last_run(db_url)
+    # run: section 9's step-1 task, slab 3, the layer; skipped: sections 8, 10, 11 and slabs 1-2
+    assert (run.tasks_run, run.tasks_skipped) == (3, 5)
+    layer = layout.precomputed_layer(1, True)
+    after = {p.name: p.stat().st_mtime_ns for p in (layer / key0).iterdir()}
+    assert {n: after[n] for n in before} == before, "finished slabs' chunks were not written again"
+    assert not temp.exists()
+    whole = pc.publish_stack(paths, tmp_path / "whole" / "C1T", 10.4, 20, chunk_size=(16, 16, 2), sample=None)
+    assert whole["plan"]["factors"] == [[2, 2, 1], [2, 2, 2]], "a level that halves z, built after the slabs"
+    assert _decoded(layer) == _decoded(tmp_path / "whole" / "C1T")
+    assert json.loads((layer / "info").read_text()) == json.loads((tmp_path / "whole" / "C1T" / "info").read_text())
+    verify_layer(layer, paths, sample=None)
+    engine = init_db(db_url)
+    with session_scope(engine) as s:
+        rows = s.scalars(select(FileLog).where(FileLog.path == layout.relative(layer))).all()
+        assert len(rows) == 1 and len(json.loads(rows[0].result)["mips"]) == 3
+    engine.dispose()
+    assert cli(tmp_path, db_url, *flags) == 0
+    assert (last_run(db_url).tasks_run, last_run(db_url).tasks_skipped) == (0, 1)
+
+
+def test_temporary_files_are_bounded_by_one_slab_whatever_the_stack_depth(tmp_path, sqlite_url):
+    """Peak step-1 files and bytes, watched during the run, are the same for 32 and 64 sections
+    (one slab of 16 sections: 16 x 16 (16,16,1) chunks), where the whole-stack build holds all."""
+    import threading
+
+    peaks = {}
+    for depth in (32, 64):
+        root = tmp_path / f"d{depth}"
+        db = f"sqlite:///{root / 'slidepipe.db'}"
+        root.mkdir()
+        layout = AnimalLayout(root / "data", ANIMAL)
+        paths = place_aligned(layout, seed_animal(db, depth), 64, 64, db_url=db)
+        temp = layout.precomputed_layer(1, True, rechunkme=True)
+        key = "10400_10400_20000"
+        peak = [0, 0]
+        stop = threading.Event()
+
+        def watch():
+            while not stop.is_set():
+                try:
+                    sizes = [e.stat().st_size for e in os.scandir(temp / key)]
+                except (FileNotFoundError, OSError):
+                    sizes = []
+                peak[:] = [max(peak[0], len(sizes)), max(peak[1], sum(sizes))]
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            code = main(["--animal", ANIMAL, "--task", "neuroglancer", "--channel", "1", "--data-root",
+                         str(root / "data"), "--db-url", db, "--workers", "1", "--chunk-size", "32,32,16",
+                         "--rechunkme-chunk-size", "16,16,1", "--slab-depth", "16", "--verify-sample", "4"])
+        finally:
+            stop.set()
+            watcher.join()
+        assert code == 0
+        assert not temp.exists()
+        assert np.array_equal(read_mip0(layout.precomputed_layer(1, True))[:64, :64, :depth], stack_of(paths))
+        peaks[depth] = tuple(peak)
+    assert peaks[32] == peaks[64] == (16 * 16, 16 * 16 * 16 * 16), peaks

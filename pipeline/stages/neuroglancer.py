@@ -11,6 +11,7 @@ voxels, a few .shard files per level). See docs/format-precomputed.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -53,6 +54,10 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--sharded", action="store_true", default=None,
                        help="neuroglancer: write every level in igneous's sharded format (a few large .shard files "
                             "per level instead of a file per chunk)")
+    group.add_argument("--slab-depth", type=int, default=None, metavar="N",
+                       help="neuroglancer: publish N sections at a time (a multiple of the chunk z), so the temporary "
+                            "step-1 files never exceed one slab (default: whole chunks holding about 1 GB, at least "
+                            "one chunk deep; 0: the whole stack at once)")
     group.add_argument("--mips", type=int, default=None, metavar="N",
                        help="neuroglancer: at most N levels above full resolution (default: until the top level is small)")
     group.add_argument("--verify-sample", type=int, default=None, metavar="N",
@@ -88,6 +93,33 @@ def publish(src_dir: str, dest_dir: str, sections: list[str], chunk_size: list[i
                          description=description, params=params, root=root, sharded=sharded)
 
 
+def publish_slab(src_dir: str, partial_dir: str, sections: list[str], z0: int, z1: int, chunk_size: list[int],
+                 max_mips: int | None, workers: int, queue_url: str | None, sample: int | None, keep_rechunkme: bool,
+                 section_markers: list[str], marker: str) -> dict:
+    """One verified slab; then its sections' markers go before their chunks, so a kill in between
+    leaves sections that are written again, never markers vouching for deleted chunks."""
+    from pipeline.publish.precomputed import delete_rechunkme_slab, publish_slab as build_slab
+
+    result = build_slab(src_dir, partial_dir, sections, z0, z1, chunk_size=chunk_size, max_mips=max_mips,
+                        workers=workers, queue_url=queue_url, sample=sample)
+    if not keep_rechunkme:
+        for path in section_markers:
+            Path(path).unlink(missing_ok=True)
+        result["deleted"] = delete_rechunkme_slab(src_dir, z0, z1)
+    _write_marker(marker, result)
+    return result
+
+
+def finish_slabs(src_dir: str, partial_dir: str, dest_dir: str, sections: list[str], slabs: list[dict],
+                 chunk_size: list[int], max_mips: int | None, workers: int, queue_url: str | None,
+                 keep_rechunkme: bool, sample: int | None, description: str, params: dict, root: str) -> dict:
+    from pipeline.publish.precomputed import finish_slab_build
+
+    return finish_slab_build(src_dir, partial_dir, dest_dir, sections, slabs, chunk_size=chunk_size,
+                             max_mips=max_mips, workers=workers, queue_url=queue_url, keep_rechunkme=keep_rechunkme,
+                             sample=sample, description=description, params=params, root=root)
+
+
 def _write_marker(path: str, content: dict) -> None:
     with atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(content, default=str))
@@ -96,7 +128,8 @@ def _write_marker(path: str, content: dict) -> None:
 # ---------------------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
     from pipeline.publish.precomputed import (
-        DEFAULT_CHUNK, RECHUNKME_CHUNK, create_rechunkme_layer, inspect_stack, padding_sections, voxel_size_nm,
+        DEFAULT_CHUNK, RECHUNKME_CHUNK, create_rechunkme_layer, default_slab_depth, inspect_stack, padding_sections,
+        slab_ranges, voxel_size_nm,
     )
     from pipeline.stages.common import aligned_stack
 
@@ -112,6 +145,7 @@ def run(ctx: StageContext) -> None:
     sample = 32 if sample is None else (None if sample <= 0 else int(sample))
     final = ctx.layout.precomputed_layer(ctx.channel, ctx.downsample)
     temp = ctx.layout.precomputed_layer(ctx.channel, ctx.downsample, rechunkme=True)
+    partial = ctx.layout.precomputed_partial(ctx.channel, ctx.downsample)
     # Everything that changes the published voxels or files, for both steps' fingerprints.
     params: dict[str, Any] = {
         "voxel_nm": list(voxel), "chunk_size": list(chunk), "rechunkme_chunk_size": list(rechunk),
@@ -139,22 +173,38 @@ def run(ctx: StageContext) -> None:
     if not ctx.is_current(layer_task):
         create_rechunkme_layer(temp, stack, voxel, chunk, max_mips, rechunk)
         markers = temp / MARKER_DIR
-        tasks = [
-            Task(key=f"z{z:03d}", func=rechunk_section, inputs=[path], outputs=[markers / f"{z:03d}.json"],
-                 params=params, kwargs={"layer_dir": str(temp), "tiff_path": str(path), "z": z,
-                                        "width": stack.width, "height": stack.height,
-                                        "marker": str(markers / f"{z:03d}.json")})
-            for z, path in enumerate(sections)
-        ]
-        tasks += [
-            Task(key=f"z{z:03d}", func=pad_section, outputs=[markers / f"{z:03d}.json"], params=params,
-                 label=f"{temp} (blank section {z})",
-                 kwargs={"layer_dir": str(temp), "z": z, "marker": str(markers / f"{z:03d}.json")})
-            for z in padding_sections(temp, count)
-        ]
-        ctx.execute(tasks, desc=f"{name}: sections -> {temp.name}")
-        if ctx.failures:
-            return  # step 2 would only meet missing chunks; the failures are already recorded
+
+        def step1(zs) -> list[Task]:
+            """The step-1 tasks of sections (and blank padding sections) `zs`."""
+            return [
+                Task(key=f"z{z:03d}", func=rechunk_section, inputs=[sections[z]], outputs=[markers / f"{z:03d}.json"],
+                     params=params, kwargs={"layer_dir": str(temp), "tiff_path": str(sections[z]), "z": z,
+                                            "width": stack.width, "height": stack.height,
+                                            "marker": str(markers / f"{z:03d}.json")})
+                if z < count else
+                Task(key=f"z{z:03d}", func=pad_section, outputs=[markers / f"{z:03d}.json"], params=params,
+                     label=f"{temp} (blank section {z})",
+                     kwargs={"layer_dir": str(temp), "z": z, "marker": str(markers / f"{z:03d}.json")})
+                for z in zs
+            ]
+
+        size_z = count + len(padding_sections(temp, count))
+        depth = ctx.params.get("slab_depth")
+        depth = default_slab_depth(stack, chunk[2]) if depth is None else depth
+        slabs = [] if sharded else slab_ranges(size_z, chunk[2], depth)
+        if len(slabs) > 1:
+            done = _publish_slabs(ctx, slabs, step1, sections, temp, partial, layer_params, chunk, max_mips, sample,
+                                  keep)
+            # The same task (key, inputs, output, params: the same record) finishing the partial layer.
+            kwargs = {k: v for k, v in layer_task.kwargs.items() if k != "sharded"}
+            layer_task = dataclasses.replace(layer_task, func=finish_slabs,
+                                             kwargs={**kwargs, "partial_dir": str(partial), "slabs": done})
+            if ctx.failures:
+                return  # a slab failed (recorded); the finished ones stay done for the next run
+        else:
+            ctx.execute(step1(range(size_z)), desc=f"{name}: sections -> {temp.name}")
+            if ctx.failures:
+                return  # step 2 would only meet missing chunks; the failures are already recorded
     results = ctx.execute([layer_task], desc=f"{name}: transfer, pyramid, verify")
     if name in results and not keep and temp.exists():
         shutil.rmtree(temp)  # left from a run whose layer task was already done
@@ -163,3 +213,36 @@ def run(ctx: StageContext) -> None:
         ctx.log.info("%s: %d levels, %d chunks in %d %sfiles, %.1f MB", final, len(mips),
                      sum(m["chunks"] for m in mips), sum(m.get("files", m["chunks"]) for m in mips),
                      "shard " if results[name].get("sharded") else "", sum(m["bytes"] for m in mips) / 1e6)
+
+
+def _publish_slabs(ctx: StageContext, slabs, step1, sections, temp: Path, partial: Path, layer_params: dict,
+                   chunk, max_mips, sample, keep: bool) -> list[dict]:
+    """Slab after slab: its step-1 tasks, then its slab task (transfer, z-keeping levels, verify,
+    delete its step-1 chunks). A finished slab is a recorded marker, so a rerun skips it and
+    writes no step-1 chunk for it. Returns the slabs' results (stored ones for skipped slabs)."""
+    from pipeline.publish.precomputed import prepare_slab_build
+
+    slab_markers = ctx.layout.precomputed_slab_markers(ctx.channel, ctx.downsample)
+    prepare_slab_build(partial, slab_markers, layer_params)
+    done = []
+    count = len(sections)
+    for z0, z1 in slabs:
+        marker = slab_markers / f"z{z0:05d}-{z1:05d}.json"
+        task = Task(
+            key=f"slab{z0:05d}", func=publish_slab, inputs=list(sections[z0:min(z1, count)]), outputs=[marker],
+            params={**layer_params, "slab": [z0, z1]}, label=f"{partial} (sections {z0}..{z1 - 1})",
+            kwargs={"src_dir": str(temp), "partial_dir": str(partial), "sections": [str(p) for p in sections],
+                    "z0": z0, "z1": z1, "chunk_size": list(chunk), "max_mips": max_mips,
+                    "workers": ctx.settings.workers, "queue_url": ctx.settings.queue_url, "sample": sample,
+                    "keep_rechunkme": keep, "marker": str(marker),
+                    "section_markers": [str(temp / MARKER_DIR / f"{z:03d}.json") for z in range(z0, z1)]},
+        )
+        if not ctx.is_current(task):
+            ctx.execute(step1(range(z0, z1)), desc=f"{partial.parent.name}: sections {z0}..{z1 - 1}")
+            if ctx.failures:
+                return done
+        result = ctx.execute([task], desc=f"{partial.parent.name}: slab {z0}..{z1 - 1} -> transfer, levels, verify")
+        if ctx.failures:
+            return done
+        done.append(result[task.key])
+    return done
