@@ -240,11 +240,15 @@ def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um:
     for variant, extra in (("stage", ()), ("stage --sharded", ("--sharded",))):
         root = work / variant.replace(" --", "-")
         data, db_url = stage_data_root(root, paths, xy_um, z_um, page.dtype.name)
-        final = AnimalLayout(data, ANIMAL).precomputed_layer(1, False)
-        # The layer being built slab by slab (inside the step-1 layer) is the output, not temporary.
-        partial = AnimalLayout(data, ANIMAL).precomputed_partial(1, False)
-        m = run_measured(stage_cli(data, db_url, "neuroglancer", workers, *extra), temp_folder=final.parent,
-                         is_final=lambda p, f=final, q=partial: p in (f, q) or p.name.startswith(f.name + ".tmp-"))
+        layout = AnimalLayout(data, ANIMAL)
+        final = layout.precomputed_layer(1, False)
+        # Temporary: anything in the animal's folder but the inputs (preps/) and the layer itself
+        # (under its own or its temporary name, or being built slab by slab inside the step-1
+        # layer: that is output, not temporary), wherever the stage puts it.
+        partial = layout.precomputed_partial(1, False)
+        m = run_measured(stage_cli(data, db_url, "neuroglancer", workers, *extra), temp_folder=layout.root,
+                         is_final=lambda p, f=final, q=partial, i=layout.preps:
+                         p in (i, f, q) or p.name.startswith(f.name + ".tmp-"))
         rows.append(row(variant, stage_seconds(db_url, "neuroglancer"), m, final))
         shutil.rmtree(root)
 
