@@ -12,9 +12,11 @@ import argparse
 import datetime as dt
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -36,6 +38,9 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="worker processes of every method and stage")
     parser.add_argument("--xy-um", type=float, default=0.325)
     parser.add_argument("--z-um", type=float, default=20.0)
+    parser.add_argument("--neuroglancer-flags", default="",
+                        help="extra flags for both neuroglancer stage runs of the publishing table, e.g. "
+                             "'--slab-depth 16' (default: none, the stage as shipped)")
     parser.add_argument("--only", choices=["publish", "stages"], default=None)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     args, rest = parser.parse_known_args(argv)
@@ -43,6 +48,7 @@ def main(argv=None) -> int:
 
     stage_args = stages.parse_args(rest)
     work = Path(tempfile.mkdtemp(prefix="slidepipe-bench-", dir=args.dir))
+    started = time.perf_counter()
     try:
         print(f"# slidepipe bench, {machine_line(args.workers)}\n")
         if args.only in (None, "publish"):
@@ -51,14 +57,18 @@ def main(argv=None) -> int:
             rows = []
             for depth in sorted({int(d) for d in args.depths.split(",")}):
                 folder = work / f"stack-{depth}"
+                publish.progress(f"writing a {args.width} x {args.height} x {depth} {args.dtype} stack")
                 paths = publish.write_stack(folder, args.width, args.height, depth, args.dtype)
-                rows += publish.measure_all(work, paths, args.workers, args.xy_um, args.z_um)
+                rows += publish.measure_all(work, paths, args.workers, args.xy_um, args.z_um,
+                                            shlex.split(args.neuroglancer_flags))
                 shutil.rmtree(folder)
-            print(f"## Publishing: {args.width} x {args.height} {args.dtype} sections, {args.workers} workers\n")
+            flags = f", neuroglancer stage with {args.neuroglancer_flags}" if args.neuroglancer_flags else ""
+            print(f"## Publishing: {args.width} x {args.height} {args.dtype} sections, {args.workers} workers{flags}\n")
             print("\n".join(publish.table(rows)))
             print()
         if args.only in (None, "stages"):
             stages.run(work, stage_args, args.workers)
+        print(f"(the harness ran {(time.perf_counter() - started) / 60:.1f} min)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -25,6 +25,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -208,8 +209,14 @@ def stage_cli(data: Path, db_url: str, task: str, workers: int, *extra: str, cha
 
 
 # --------------------------------------------------------------------------------------------
-def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um: float) -> list[dict]:
-    """Rows (one per method) for one stack."""
+def progress(message: str) -> None:
+    """What the harness is doing, on stderr: stdout keeps only the tables."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um: float,
+                stage_flags: Sequence[str] = ()) -> list[dict]:
+    """Rows (one per method) for one stack; `stage_flags` go to both neuroglancer stage runs."""
     from bench.measure import run_measured, tree_stats
     from pipeline.layout import AnimalLayout
     from pipeline.publish.precomputed import DEFAULT_CHUNK
@@ -231,6 +238,7 @@ def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um:
     child = [sys.executable, "-m", "bench.publish", "--child"]
     levels = stack_levels(paths, xy_um, z_um)
     out = work / "lab"
+    progress(f"lab recipe, {depth} sections")
     m = run_measured([*child, "lab", "--stack", str(stack), "--out", str(out), "--workers", str(workers),
                       "--levels", str(levels), "--xy-um", str(xy_um), "--z-um", str(z_um)],
                      temp_folder=out, is_final=lambda p: p == out / "final")
@@ -238,6 +246,8 @@ def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um:
     shutil.rmtree(out)
 
     for variant, extra in (("stage", ()), ("stage --sharded", ("--sharded",))):
+        extra = (*stage_flags, *extra)
+        progress(f"{variant}, {depth} sections{' (' + ' '.join(stage_flags) + ')' if stage_flags else ''}")
         root = work / variant.replace(" --", "-")
         data, db_url = stage_data_root(root, paths, xy_um, z_um, page.dtype.name)
         layout = AnimalLayout(data, ANIMAL)
@@ -253,6 +263,7 @@ def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um:
         shutil.rmtree(root)
 
     out = work / "floor"
+    progress(f"floor, {depth} sections")
     m = run_measured([*child, "floor", "--stack", str(stack), "--out", str(out), "--workers", str(workers),
                       "--chunk", ",".join(map(str, DEFAULT_CHUNK))])
     rows.append(row("floor", m.result()["seconds"], m, out))

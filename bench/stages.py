@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.publish import ANIMAL, stage_cli, stage_seconds
+from bench.publish import ANIMAL, progress, stage_cli, stage_seconds
 
 FULL_SECTION = (30000, 20000)
 BRAIN_SECTIONS = 480
@@ -98,6 +98,7 @@ def run(work: Path, args: argparse.Namespace, workers: int) -> list[dict]:
     root.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite:///{(root / 'slidepipe.db').as_posix()}"
     layout = AnimalLayout(data, ANIMAL)
+    progress(f"writing a CZI of {args.stage_sections} scenes of {args.stage_width} x {args.stage_height} px")
     write_slide(layout.czi_dir / f"{ANIMAL}_slide01.czi", args.stage_sections, args.stage_width,
                 args.stage_height, args.stage_xy_um)
 
@@ -106,6 +107,7 @@ def run(work: Path, args: argparse.Namespace, workers: int) -> list[dict]:
 
     rows = []
     for stage, per_section in MEASURED:
+        progress(f"{stage} at full resolution")
         if stage in ("mask", "clean", "align"):
             cli(stage, True)  # the thumbnail pass the full-resolution one reuses
         measured = cli(stage, False)
