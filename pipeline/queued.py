@@ -280,6 +280,10 @@ def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool =
     import igneous.tasks  # noqa: F401  registers igneous's task classes for deserialising
     from taskqueue import queueable
 
+    from pipeline.publish.common import GZIP_LEVEL, use_gzip_level
+
+    use_gzip_level(GZIP_LEVEL)  # igneous's tasks gzip at slidepipe's level here too
+
     queueable(execute_queued)  # the runner's tasks (registered here: only workers run them)
     if data_root is not None:
         _WORKER.update(data_root=Path(data_root).absolute(), queue_url=queue_url)

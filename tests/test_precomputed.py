@@ -722,3 +722,27 @@ def test_tensorstore_reads_mip0_over_http_from_apache_equal_to_the_stack(layers,
     assert got.shape == read_mip(layer["dest"], 0).shape
     assert np.array_equal(got[:x, :y, :z], want) and want.any()
     assert np.array_equal(top, read_mip(layer["dest"], top_mip))
+
+
+def test_published_chunks_are_gzipped_at_slidepipes_level_in_igneous_processes(tmp_path):
+    """igneous's tasks run in their own processes (2 workers: a spawned pool) and open their own
+    CloudVolume; the chunks they write are gzip level 1 (GZIP_LEVEL), not cloudfiles' default 9:
+    each chunk's bytes equal a level-1 deflate of its decoded content and differ from level 9's."""
+    from cloudfiles import compression
+
+    assert pc.GZIP_LEVEL == 1
+    sections = write_stack(tmp_path / "aligned", 4, 150, 140)
+    dest = tmp_path / "C1T"
+    out = pc.publish_stack(sections, dest, 5, 20, chunk_size=(32, 32, 2), workers=2, slab_depth=0,
+                           memory_target=20_000)
+    assert min(r["tasks"] for r in out["rounds"]) >= 2, "every round in the pool of 2 processes"
+    original = getattr(compression.gzip_compress, "slidepipe_original", compression.gzip_compress)
+    info = json.loads((dest / "info").read_text())
+    checked = 0
+    for scale in info["scales"]:
+        for path in sorted((dest / scale["key"]).glob("*.gz")):
+            data = path.read_bytes()
+            raw = gzip.decompress(data)
+            assert data == original(raw, 1) != original(raw, 9), path
+            checked += 1
+    assert checked >= 10

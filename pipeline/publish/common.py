@@ -26,6 +26,29 @@ ROW_BAND_BYTES = 64 * 1024**2
 """Sections are read and written in bands of rows of about this size, never whole."""
 
 
+GZIP_LEVEL = 1
+"""gzip level of published precomputed chunks (measured against 1 and 9: docs/format-precomputed.md)."""
+
+
+def use_gzip_level(level: int) -> None:
+    """Make cloud-volume gzip at `level` in this process (igneous's tasks included).
+
+    cloud-volume 12.15 compresses image chunks with `compression.compress(data, "gzip")` and no
+    level (its `compress_level` option is not used for them: checked, the same bytes at 1 and 9),
+    and igneous's tasks open their own CloudVolume anyway; cloudfiles then takes level 9. So the
+    default of cloudfiles' gzip_compress is what decides; an explicit level still wins."""
+    from cloudfiles import compression
+
+    original = getattr(compression.gzip_compress, "slidepipe_original", compression.gzip_compress)
+
+    def gzip_compress(content, compresslevel=None):
+        return original(content, int(level) if compresslevel is None else compresslevel)
+
+    gzip_compress.slidepipe_original = original  # type: ignore[attr-defined]
+    gzip_compress.slidepipe_level = int(level)  # type: ignore[attr-defined]
+    compression.gzip_compress = gzip_compress
+
+
 class PrecomputedError(SlidepipeError):
     """A stack cannot be published, or a published layer is not what it should be."""
 

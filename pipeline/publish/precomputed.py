@@ -20,7 +20,6 @@ import dataclasses
 import io
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import time
@@ -33,7 +32,8 @@ import numpy as np
 from pipeline.atomic import atomic_path
 from pipeline.imaging.pyramid import PyramidPlan, plan_pyramid
 from pipeline.publish.common import (
-    PROVENANCE_STEP, ROW_BAND_BYTES, PrecomputedError, SectionRows, open_section, stack_windows,
+    GZIP_LEVEL, PROVENANCE_STEP, ROW_BAND_BYTES, PrecomputedError, SectionRows, open_section, stack_windows,
+    use_gzip_level,
 )
 from pipeline.publish.validate import LayerVerificationError, verify_layer
 from pipeline.queued import BUILDS_DIR, QueueTaskError, build_queue, remove_build_queue, run_worker  # noqa: F401
@@ -213,24 +213,16 @@ def _task_shape_exponent(chunk: Sequence[int], itemsize: int, channels: int, mem
     return j
 
 
-@contextlib.contextmanager
-def _keep_start_method() -> Iterator[None]:
-    """LocalTaskQueue.execute forces the global multiprocessing start method to 'spawn'; put back
-    what was there so the runner's pools in this process are not changed behind their back."""
-    previous = multiprocessing.get_start_method(allow_none=True)
-    try:
-        yield
-    finally:
-        multiprocessing.set_start_method(previous, force=True)
-
-
-def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, lease_seconds: int = 600) -> int:
+def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, lease_seconds: int = 600,
+              gzip_level: int | None = None) -> int:
     """Execute igneous tasks and return when all are done.
 
-    Without a queue: python-task-queue's LocalTaskQueue with `workers` processes. With a queue
-    (a build's own sub-queue, `build_queue`): insert them there and work on that queue here too
-    until it is empty, so workers on other machines share the work and a worker that dies only
-    delays its task until its lease expires.
+    Without a queue: here (one worker) or in a pool of `workers` new ('spawn') processes, each
+    set to gzip at `gzip_level` first (`use_gzip_level`; python-task-queue's LocalTaskQueue, used
+    before, gives no hook to do that in its processes). With a queue (a build's own sub-queue,
+    `build_queue`): insert them there and work on that queue here too until it is empty, so
+    workers on other machines share the work and a worker that dies only delays its task until
+    its lease expires (`run_worker` sets the level in every worker).
     """
     if queue_url:
         from taskqueue import TaskQueue
@@ -242,16 +234,38 @@ def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, l
         except QueueTaskError as exc:
             raise PrecomputedError(f"an igneous task from the queue failed: {exc.reason}", exc.path) from exc
         return count
-    from taskqueue import LocalTaskQueue
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
 
-    with _keep_start_method():
-        queue = LocalTaskQueue(parallel=max(1, int(workers)), progress=False)
-        count = queue.insert(tasks)
-        try:
-            queue.execute(progress=False)
-        except Exception as exc:
-            raise PrecomputedError(f"an igneous task failed: {type(exc).__name__}: {exc}") from exc
-    return count
+    from taskqueue.queueables import totask
+
+    payloads = [totask(task).payload() for task in tasks]
+    gzip_level = GZIP_LEVEL if gzip_level is None else int(gzip_level)
+    try:
+        if max(1, int(workers)) == 1 or len(payloads) <= 1:
+            _igneous_process(gzip_level)
+            for payload in payloads:
+                _execute_igneous(payload)
+        else:
+            with ProcessPoolExecutor(min(int(workers), len(payloads)), mp_context=get_context("spawn"),
+                                     initializer=_igneous_process, initargs=(gzip_level,)) as pool:
+                for _ in pool.map(_execute_igneous, payloads):
+                    pass
+    except Exception as exc:
+        raise PrecomputedError(f"an igneous task failed: {type(exc).__name__}: {exc}") from exc
+    return len(payloads)
+
+
+def _igneous_process(gzip_level: int) -> None:
+    import igneous.tasks  # noqa: F401  registers igneous's task functions for deserialising
+
+    use_gzip_level(gzip_level)
+
+
+def _execute_igneous(payload) -> None:
+    from taskqueue.queueables import totask
+
+    totask(payload).execute()
 
 
 @contextlib.contextmanager
