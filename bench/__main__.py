@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     stage_args = stages.parse_args(rest)
     work = Path(tempfile.mkdtemp(prefix="slidepipe-bench-", dir=args.dir))
     started = time.perf_counter()
+    failed = False
     try:
         print(f"# slidepipe bench, {machine_line(args.workers)}\n")
         if args.only in (None, "publish"):
@@ -65,13 +66,14 @@ def main(argv=None) -> int:
             flags = f", neuroglancer stage with {args.neuroglancer_flags}" if args.neuroglancer_flags else ""
             print(f"## Publishing: {args.width} x {args.height} {args.dtype} sections, {args.workers} workers{flags}\n")
             print("\n".join(publish.table(rows)))
+            failed = any("failed" in r for r in rows)
             print()
         if args.only in (None, "stages"):
-            stages.run(work, stage_args, args.workers)
+            failed = any("failed" in r for r in stages.run(work, stage_args, args.workers)) or failed
         print(f"(the harness ran {(time.perf_counter() - started) / 60:.1f} min)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 1 if failed else 0  # after printing everything: a failed method is in the tables
 
 
 if __name__ == "__main__":

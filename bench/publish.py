@@ -229,7 +229,10 @@ def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um:
     depth = len(paths)
     rows = []
 
-    def row(method: str, seconds: float, measured, final: Path, **extra) -> dict:
+    def row(method: str, seconds, measured, final: Path, **extra) -> dict:
+        if measured.returncode:
+            return failed_row(method, depth, mb, measured)
+        seconds = seconds()
         files, size = tree_stats(final)
         return {"method": method, "depth": depth, "MB": mb, "seconds": seconds, "MB/s": mb / seconds,
                 "files": files, "bytes": size, "temp_files": measured.temp_files, "temp_bytes": measured.temp_bytes,
@@ -241,8 +244,8 @@ def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um:
     progress(f"lab recipe, {depth} sections")
     m = run_measured([*child, "lab", "--stack", str(stack), "--out", str(out), "--workers", str(workers),
                       "--levels", str(levels), "--xy-um", str(xy_um), "--z-um", str(z_um)],
-                     temp_folder=out, is_final=lambda p: p == out / "final")
-    rows.append(row("lab recipe", m.result()["seconds"], m, out / "final"))
+                     temp_folder=out, is_final=lambda p: p == out / "final", check=False)
+    rows.append(row("lab recipe", lambda: m.result()["seconds"], m, out / "final"))
     shutil.rmtree(out)
 
     for variant, extra in (("stage", ()), ("stage --sharded", ("--sharded",))):
@@ -258,17 +261,26 @@ def measure_all(work: Path, paths: list[Path], workers: int, xy_um: float, z_um:
         partial = layout.precomputed_partial(1, False)
         m = run_measured(stage_cli(data, db_url, "neuroglancer", workers, *extra), temp_folder=layout.root,
                          is_final=lambda p, f=final, q=partial, i=layout.preps:
-                         p in (i, f, q) or p.name.startswith(f.name + ".tmp-"))
-        rows.append(row(variant, stage_seconds(db_url, "neuroglancer"), m, final))
+                         p in (i, f, q) or p.name.startswith(f.name + ".tmp-"), check=False)
+        rows.append(row(variant, lambda: stage_seconds(db_url, "neuroglancer"), m, final))
         shutil.rmtree(root)
 
     out = work / "floor"
     progress(f"floor, {depth} sections")
     m = run_measured([*child, "floor", "--stack", str(stack), "--out", str(out), "--workers", str(workers),
-                      "--chunk", ",".join(map(str, DEFAULT_CHUNK))])
-    rows.append(row("floor", m.result()["seconds"], m, out))
+                      "--chunk", ",".join(map(str, DEFAULT_CHUNK))], check=False)
+    rows.append(row("floor", lambda: m.result()["seconds"], m, out))
     shutil.rmtree(out)
     return rows
+
+
+def failed_row(method: str, depth: int, mb: float, measured) -> dict:
+    """A method whose command failed: the harness goes on with the others (it runs unattended);
+    the reason goes to stderr in full and under the table in one line."""
+    lines = [line for line in measured.stderr.strip().splitlines() if line.strip()]
+    reason = f"exit status {measured.returncode}: {lines[-1].strip() if lines else 'no message'}"
+    progress(f"{method}, {depth} sections FAILED, {reason}\n{measured.stderr[-4000:]}")
+    return {"method": method, "depth": depth, "MB": mb, "failed": reason}
 
 
 COLUMNS = ["method", "sections", "MB", "s", "MB/s", "files", "MB out", "peak temp files", "peak temp MB",
@@ -280,6 +292,10 @@ def table(rows: list[dict]) -> list[str]:
     of the same depth."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in rows:
+        if "failed" in r:
+            cells = [r["method"], str(r["depth"]), f"{r['MB']:.0f}", "FAILED"] + ["-"] * (len(COLUMNS) - 4)
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         cells = [r["method"], str(r["depth"]), f"{r['MB']:.0f}", f"{r['seconds']:.1f}", f"{r['MB/s']:.1f}",
                  str(r["files"]), f"{r['bytes'] / 1e6:.1f}", str(r["temp_files"]), f"{r['temp_bytes'] / 1e6:.1f}",
                  f"{r['rss_main'] / 1e6:.0f}", f"{r['rss_worker'] / 1e6:.0f}", f"{r['cpu']:.1f}"]
@@ -287,9 +303,16 @@ def table(rows: list[dict]) -> list[str]:
     lines.append("")
     for depth in sorted({r["depth"] for r in rows}):
         same = {r["method"]: r for r in rows if r["depth"] == depth}
+        for r in rows:
+            if r["depth"] == depth and "failed" in r:
+                lines.append(f"- {depth} sections, {r['method']} FAILED ({r['failed']})")
         for name in ("stage", "stage --sharded"):
             if name in same:
                 s = same[name]
+                broken = [m for m in (name, "lab recipe", "floor") if "failed" in same.get(m, {"failed": 1})]
+                if broken:
+                    lines.append(f"- {depth} sections, {name}: no ratios ({', '.join(broken)} failed)")
+                    continue
                 lines.append(f"- {depth} sections, {name}: speed {same['lab recipe']['seconds'] / s['seconds']:.2f}x "
                              f"the lab recipe's (target >= 3x); time {s['seconds'] / same['floor']['seconds']:.2f}x "
                              f"the floor's (target <= 1.2x)")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.publish import ANIMAL, progress, stage_cli, stage_seconds
+from bench.publish import ANIMAL, failed_row, progress, stage_cli, stage_seconds
 
 FULL_SECTION = (30000, 20000)
 BRAIN_SECTIONS = 480
@@ -39,7 +39,9 @@ MEASURED = [  # (stage, runs per brain section: x3 for the per-channel ones)
 def parse_args(rest: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench (stage options)")
     parser.add_argument("--stage-sections", type=int, default=3, help="sections of the generated slide")
-    parser.add_argument("--stage-width", type=int, default=6000, help="scene width (px)")
+    parser.add_argument("--stage-width", type=int, default=6000,
+                        help="scene width (px); 1500 x 1000 works, at 1024 x 768 the 1/32 thumbnails are too "
+                             "small for the masker to find tissue")
     parser.add_argument("--stage-height", type=int, default=4000, help="scene height (px)")
     parser.add_argument("--stage-xy-um", type=float, default=0.325, help="pixel size written in the CZI")
     parser.add_argument("--full-section", action="store_true",
@@ -108,9 +110,14 @@ def run(work: Path, args: argparse.Namespace, workers: int) -> list[dict]:
     rows = []
     for stage, per_section in MEASURED:
         progress(f"{stage} at full resolution")
-        if stage in ("mask", "clean", "align"):
-            cli(stage, True)  # the thumbnail pass the full-resolution one reuses
-        measured = cli(stage, False)
+        # A failing stage is reported and the harness goes on (it runs unattended); the stages
+        # after it then fail for want of its outputs, each saying so.
+        measured = cli(stage, True, check=False) if stage in ("mask", "clean", "align") else None
+        if measured is None or not measured.returncode:  # the thumbnail pass the full-resolution one reuses
+            measured = cli(stage, False, check=False)
+        if measured.returncode:
+            rows.append(failed_row(stage, args.stage_sections, 0.0, measured) | {"stage": stage, "runs": per_section})
+            continue
         seconds = stage_seconds(db_url, stage)
         # The same command again finds everything done: what it costs is the fixed part (start-up,
         # imports, planning, the database), which does not grow with the sections.
@@ -138,6 +145,9 @@ def table(rows: list[dict], megapixels: float, workers: int, full: bool) -> list
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     total = 0.0
     for r in rows:
+        if "failed" in r:
+            lines.append("| " + " | ".join([r["stage"], "FAILED"] + ["-"] * (len(COLUMNS) - 2)) + " |")
+            continue
         wall = max(0.0, r["seconds"] - r["fixed_seconds"]) / megapixels
         cpu = max(0.0, r["cpu"] - r["fixed_cpu"]) / megapixels
         hours = cpu * section_mp * BRAIN_SECTIONS * r["runs"] / 3600
@@ -146,7 +156,9 @@ def table(rows: list[dict], megapixels: float, workers: int, full: bool) -> list
                  f"{r['rss_main'] / 1e6:.0f}", f"{r['rss_worker'] / 1e6:.0f}" if r["rss_worker"] else "-",
                  f"{wall:.3f}", f"{cpu:.3f}", f"{wall * section_mp:.0f}", f"{hours:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("| all six |" + "  |" * (len(COLUMNS) - 2) + f" {total:.1f} |")
+    failed = [r for r in rows if "failed" in r]
+    lines.append("| all six |" + "  |" * (len(COLUMNS) - 2) + (" - |" if failed else f" {total:.1f} |"))
+    lines += [""] * bool(failed) + [f"- {r['stage']} FAILED ({r['failed']})" for r in failed]
     how = "measured on such sections" if full else f"EXTRAPOLATED linearly from the {megapixels:.1f} MP measured"
     lines += ["", f"- s: the stage's pipeline_run, start to end ({workers} workers); CPU s: its command's process tree "
               "(user + system; start-up, imports and, for neuroglancer, the web pages it refreshes included). "
