@@ -105,7 +105,11 @@ def remove_stale_temps(directory: Path) -> int:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process exists (signal 0); a process we may not signal still counts as alive."""
+    """Whether a process exists (signal 0); a process we may not signal still counts as alive.
+
+    A zombie does not: pool workers of a SIGKILLed runner are reparented and stay zombies until
+    PID 1 reaps them (seconds, in containers), and a rerun in that window must still clear their
+    temp files and take over their locks."""
     if pid == os.getpid():
         return True
     try:
@@ -114,7 +118,16 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """State Z in /proc (Linux); elsewhere, or when /proc cannot tell, not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2:].startswith("Z")  # the name in (...) may hold spaces or ')'
 
 
 def sha256_file(path: str | Path, block: int = 1 << 22) -> str:

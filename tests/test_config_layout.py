@@ -1,10 +1,12 @@
 """Settings precedence and the path layout."""
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.atomic import atomic_path, remove_stale_temps, temp_name
+from pipeline.atomic import atomic_path, pid_alive, remove_stale_temps, temp_name
 from pipeline.config import Settings, redact_url
 from pipeline.errors import ConfigError
 from pipeline.layout import AnimalLayout, section_key
@@ -99,3 +101,22 @@ def test_stale_temp_of_dead_process_removed(tmp_path):
     mine.write_bytes(b"in progress")
     assert remove_stale_temps(tmp_path) == 1
     assert not stale.exists() and mine.exists()
+
+
+def test_temp_of_a_zombie_is_stale(tmp_path):
+    """A SIGKILLed runner's pool workers stay zombies until PID 1 reaps them: their temp files
+    are a dead process's (found by the kill tests: a rerun right after the kill kept them)."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].startswith(" Z") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        left = tmp_path / f"a.tmp-{pid}.tif"
+        left.write_bytes(b"partial")
+        assert not pid_alive(pid)
+        assert remove_stale_temps(tmp_path) == 1 and not left.exists()
+    finally:
+        os.waitpid(pid, 0)
+    assert pid_alive(os.getpid())
