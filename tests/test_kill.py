@@ -15,6 +15,7 @@ past its end) ends the series: the stage is done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,9 +23,12 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,7 @@ from db.session import init_db, session_scope
 from pipeline.atomic import is_temp
 from pipeline.runner import path_stats
 from pipeline.sample import build_sample
+from tests.conftest import _drop_database
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig")
 
@@ -329,3 +334,118 @@ def test_sigkill_at_three_seeded_points_then_rerun(reference, stage, downsample,
             assert state == "failed" and ("taken over" in error or "killed" in error), (run_id, error)
     finally:
         engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------
+# the database becoming unreachable mid-run (MariaDB through a proxy the test closes)
+
+
+class Proxy:
+    """A TCP proxy in front of the MariaDB server, so the test can take the database away from
+    a running stage: `close` resets every connection and refuses new ones, as a server that
+    went down or a network that broke would."""
+
+    def __init__(self, host: str, port: int):
+        self.target = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = []
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+def outputs_without_inputs(db_url: str, run_id: int) -> list[str]:
+    """Output rows of a run that lack their input links (a task's rows and links are one
+    transaction: a row without them would be half-written)."""
+    engine = create_engine(db_url)
+    try:
+        with session_scope(engine) as s:
+            return [row.path for row in s.scalars(select(FileLog).where(FileLog.FK_pipeline_run_id == run_id))
+                    if not row.inputs]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.mysql
+def test_database_unreachable_mid_run(reference, tmp_path, _mysql_server):
+    step = reference[("histogram", True)]  # every task has inputs; 14 rows over ~1.7 s
+    name = f"slidepipe_test_{uuid.uuid4().hex[:12]}"
+    direct = _mysql_server.set(database=name).render_as_string(hide_password=False)
+    proxy = Proxy(_mysql_server.host or "127.0.0.1", _mysql_server.port or 3306)
+    via = _mysql_server.set(host="127.0.0.1", port=proxy.port, database=name).render_as_string(hide_password=False)
+    try:
+        root = tmp_path / "data"
+        shutil.copytree(step.before / "data", root)
+        copy_database(sqlite_of(step.before), direct)
+        engine = create_engine(direct)
+        proc = subprocess.Popen(cli_args(root, via, step.stage, step.downsample), env=cli_env(), start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = None
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            run = run or _newest_run(engine, step, 0)
+            if run is not None and _recorded(engine, run.id) >= 2:
+                break
+            time.sleep(0.005)
+        proxy.close()
+        out, err = proc.communicate(timeout=120)
+        assert run is not None and _recorded(engine, run.id) < step.rows, "the stage ended before the database went"
+        engine.dispose()
+
+        print(err)
+        assert proc.returncode == 3, err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, err
+        assert errors[0].startswith(f"error: database mysql+pymysql://root@127.0.0.1:{proxy.port}/{name}: "), err
+        assert "Lost connection" in errors[0] or "Can't connect" in errors[0], errors[0]
+        assert "Traceback" not in err and "[SQL:" not in err, err
+        # What the run recorded before the database went is whole: files complete, inputs linked.
+        removed = removed_paths(step.after / "data", sqlite_of(step.after))
+        assert rows_not_matching_disk(direct, root, removed, run.id) == []
+        assert outputs_without_inputs(direct, run.id) == []
+
+        rerun = run_cli(root, direct, step.stage, step.downsample)
+        assert rerun.returncode == 0, rerun.stderr
+        assert temp_files(root) == []
+        assert tree_digest(root) == tree_digest(step.after / "data")
+        engine = create_engine(direct)
+        state, error = run_status(engine, run.id)
+        engine.dispose()
+        assert state == "failed" and "taken over" in error, error
+    finally:
+        proxy.close()
+        _drop_database(_mysql_server, name)
