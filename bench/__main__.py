@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--z-um", type=float, default=20.0)
     parser.add_argument("--neuroglancer-flags", default="",
                         help="extra flags for both neuroglancer stage runs of the publishing table, e.g. "
-                             "'--slab-depth 16' (default: none, the stage as shipped)")
+                             "--neuroglancer-flags='--slab-depth 16' (default: none, the stage as shipped)")
     parser.add_argument("--only", choices=["publish", "stages"], default=None)
     parser.add_argument("--dir", type=Path, default=None, help="work directory (default: a temporary one)")
     args, rest = parser.parse_known_args(argv)
