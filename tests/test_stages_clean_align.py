@@ -24,11 +24,12 @@ from db.session import init_db, session_scope
 from pipeline.create_pipeline import main
 from pipeline.imaging.downsample import downsample_area
 from pipeline.imaging.mask import dice, mask_from_overlay
-from pipeline.imaging.orient import Orientation, plan_clean, tissue_box
+from pipeline.imaging.orient import tissue_box
 from pipeline.imaging.transforms import canvas_center, compose_to_reference, rigid_matrix, rigid_parameters
-from pipeline.layout import THUMBNAIL_FACTOR, AnimalLayout, section_key
+from pipeline.layout import THUMBNAIL_FACTOR, AnimalLayout
 from pipeline.sample import SampleTruth, build_sample
 from tests.helpers_db import record_outputs
+from tests.helpers_truth import truth_canvas_matrices, truth_keys
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig")  # ITK's SWIG wrappers
 
@@ -298,26 +299,6 @@ def small_processed(tmp_path_factory):
     for task in ("extract", "mask", "clean", "align"):
         assert cli(root, db_url, task) == 0, task
     return root, db_url
-
-
-def truth_keys(truth: SampleTruth) -> list[str]:
-    """Section keys in the sample's own order (which is the stack order: nothing is reordered)."""
-    return [section_key(Path(s.slide_file).stem, s.scene_index) for s in truth.sections]
-
-
-def truth_canvas_matrices(root: Path) -> list[np.ndarray]:
-    """Per section: phantom frame (full-res px) -> cleaned thumbnail canvas (thumbnail px)."""
-    truth = SampleTruth.load(root, "DEMO")
-    layout = AnimalLayout(root, "DEMO")
-    f = THUMBNAIL_FACTOR
-    full_to_thumb = np.array([[1 / f, 0, -(f - 1) / (2 * f)], [0, 1 / f, -(f - 1) / (2 * f)], [0, 0, 1]])
-    n = truth_keys(truth)
-    canvas = read(layout.cleaned(1, True, n[0])).shape
-    matrices = []
-    for s in truth.sections:
-        geometry = plan_clean(read(layout.mask(n[s.position])) > 0, Orientation(), canvas)
-        matrices.append(geometry.source_to_canvas() @ full_to_thumb @ np.vstack([np.array(s.phantom_to_scene), [0, 0, 1]]))
-    return matrices
 
 
 @pytest.mark.slow
