@@ -47,6 +47,8 @@ class CoarseStart:
     mirrored_rotation: float | None = None
     alternatives: tuple[np.ndarray, ...] = ()
     """Further starts (local maxima of the score, best first) when more than one was asked for."""
+    alternative_scores: tuple[float, ...] = ()
+    """NCC of each alternative."""
 
     @property
     def looks_mirrored(self) -> bool:
@@ -186,4 +188,5 @@ def coarse_start(fixed: np.ndarray, moving: np.ndarray, *, mirror: bool = False,
     if mirror:
         mirrored_score, mirrored_rotation, _ = _candidates(f, f_tissue, cf, m, m_tissue, cm, True, step_deg, 1)[0]
     return CoarseStart(matrix=matrix, rotation=rotation, score=score, mirrored_score=mirrored_score,
-                       mirrored_rotation=mirrored_rotation, alternatives=tuple(c[2] for c in found[1:]))
+                       mirrored_rotation=mirrored_rotation, alternatives=tuple(c[2] for c in found[1:]),
+                       alternative_scores=tuple(float(c[0]) for c in found[1:]))
