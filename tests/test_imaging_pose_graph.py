@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SlidepipeError
-from pipeline.imaging.pose_graph import Anchor, Pair, pair_discrepancy, solve_poses
+from pipeline.imaging.pose_graph import Anchor, Pair, choose_hypotheses, pair_discrepancy, solve_poses
 from pipeline.imaging.qc import dips, flag_sections, mirrored_sections, misfit
 from pipeline.imaging.transforms import compose_to_reference, rigid_matrix
 
@@ -184,3 +184,32 @@ def test_a_section_most_of_whose_pairs_fit_better_mirrored_is_named():
     pairs = [(i - k, i, i == 4 or i - k == 4) for i in range(1, 8) for k in (1, 2) if i - k >= 0]
     pairs = [(f, m, looks or (f, m) == (1, 3)) for f, m, looks in pairs]  # one false report elsewhere
     assert mirrored_sections(8, pairs) == [4]
+
+
+def test_the_hypotheses_consistent_around_the_triangles_are_chosen():
+    """Each pair offers several refined hypotheses; a half-turned one that scores best alone (a
+    near-symmetric outline) or one some degrees off (a local maximum) is not chosen when it
+    disagrees with its neighbours' pairs."""
+    count = 12
+    truth, reference = true_poses(count, seed=7)
+    rng = np.random.default_rng(8)
+    half_turn = rigid_matrix(np.pi, 0.5, -0.5, CENTER)
+    candidates, wanted = {}, {}
+    for pair in pairs_of(truth):
+        key = (pair.fixed, pair.moving)
+        right = (rigid_matrix(np.deg2rad(rng.normal(0, 0.2)), *rng.normal(0, 0.1, 2), CENTER) @ pair.matrix, 0.3)
+        wrong = (half_turn @ pair.matrix, 0.4 if key in {(8, 9), (7, 9), (3, 5)} else 0.1)
+        # a local maximum some degrees off, each pair its own (a wrong turn shared by all the pairs
+        # into one section would be that section's pose: nothing around the triangles tells it)
+        off = (rigid_matrix(np.deg2rad(rng.choice([-1, 1]) * rng.uniform(5, 15)), 1, 0, CENTER) @ pair.matrix, 0.35)
+        candidates[key] = [wrong, off, right]
+        wanted[key] = 2
+    chosen = choose_hypotheses(count, candidates, CENTER, RADIUS)
+    assert chosen == wanted
+    graph = [Pair(f, m, candidates[(f, m)][chosen[(f, m)]][0]) for f, m in candidates]
+    solution = solve_poses(count, graph, reference, CENTER, RADIUS)
+    best_alone = [Pair(f, m, max(c, key=lambda h: h[1])[0]) for (f, m), c in candidates.items()]
+    naive = solve_poses(count, best_alone, reference, CENTER, RADIUS)
+    print(f"hypotheses chosen by triangles: worst section {worst_error(solution.poses, truth):.2f} px; the best "
+          f"scored alone: {worst_error(naive.poses, truth):.2f} px")
+    assert worst_error(solution.poses, truth) < 0.5 < 5 < worst_error(naive.poses, truth)

@@ -221,6 +221,81 @@ def solve_poses(count: int, pairs: list[Pair], reference: int, center: tuple[flo
                         section_disagreement=disagreement, anchor_residual=anchor_residual)
 
 
+TRIANGLE_PX = 1.0
+"""Scale of the triangle test in `choose_hypotheses`: a triangle off by this (RMS over the tissue)
+costs log 2; the cost grows only logarithmically, so one failed pair cannot outweigh the others."""
+TURN_PREFERENCE = 0.1
+"""NCC given up by a hypothesis at a half turn ((1 - cos turn) / 2 of it in between), as in
+`rotation_search.preferred`: on the hard sample the last three sections' pairs offered a set of
+half-turned hypotheses as consistent as the right ones (a near-symmetric pole with a piece
+missing) that scored better alone; measured there: 0.05-0.3 all give 1.27 px RMS, 0 gives 8.7."""
+SCORE_WEIGHT = 2.0
+"""Weight of a hypothesis' NCC in `choose_hypotheses`: breaks ties between consistent choices."""
+
+
+def choose_hypotheses(count: int, candidates: dict[tuple[int, int], list[tuple[np.ndarray, float]]],
+                      center: tuple[float, float], radius: float) -> dict[tuple[int, int], int]:
+    """Which of each pair's hypotheses (matrix, score) to use: the combination most consistent
+    around the stack's triangles (k-2 -> k-1 -> k against k-2 -> k), by dynamic programming
+    along the stack (Viterbi over the k-1 pairs' choices; each k-2 pair is chosen with its
+    triangle). A pair that is half a turn off can look better alone than the right turn (a near
+    symmetric outline, a missing piece), but it cannot agree with both of its neighbours' pairs.
+    `candidates[(fixed, moving)]`: steps 1 and 2 only; a missing pair constrains nothing.
+    Returns the chosen index per pair (0 where there is one hypothesis)."""
+
+    def cost(d):
+        return np.log1p((d / TRIANGLE_PX) ** 2)
+
+    def unary(pair, k):
+        matrix, score = candidates[pair][k]
+        turn = np.arctan2(matrix[1, 0], matrix[0, 0])
+        return -SCORE_WEIGHT * (score - TURN_PREFERENCE * (1 - np.cos(turn)) / 2)
+
+    def triangle(k, a, b):
+        """Best k-2 choice and its cost for the triangle ending at section k, given choice a of
+        (k-2, k-1) and b of (k-1, k)."""
+        across = candidates.get((k - 2, k))
+        first, second = candidates.get((k - 2, k - 1)), candidates.get((k - 1, k))
+        if not across:
+            return 0, 0.0
+        if not first or not second:
+            scores = [unary((k - 2, k), c) for c in range(len(across))]
+            return int(np.argmin(scores)), float(min(scores))
+        chained = second[b][0] @ first[a][0]
+        costs = [cost(pair_discrepancy(chained, m, center, radius)) + unary((k - 2, k), c)
+                 for c, (m, _) in enumerate(across)]
+        return int(np.argmin(costs)), float(min(costs))
+
+    def options(k):
+        return range(len(candidates.get((k - 1, k)) or [None]))
+
+    def own(k, b):
+        return unary((k - 1, k), b) if candidates.get((k - 1, k)) else 0.0
+
+    chosen: dict[tuple[int, int], int] = {}
+    if count < 2:
+        return chosen
+    total = {b: own(1, b) for b in options(1)}
+    back: list[dict[int, int]] = [{}, {}]
+    for k in range(2, count):
+        new, came = {}, {}
+        for b in options(k):
+            best = min(((total[a] + triangle(k, a, b)[1], a) for a in options(k - 1)), key=lambda v: v[0])
+            new[b], came[b] = best[0] + own(k, b), best[1]
+        total = new
+        back.append(came)
+    b = min(total, key=total.get)
+    path = {count - 1: b}
+    for k in range(count - 1, 1, -1):
+        path[k - 1] = back[k][path[k]]
+    for k in range(1, count):
+        if candidates.get((k - 1, k)):
+            chosen[(k - 1, k)] = path[k]
+        if k >= 2 and candidates.get((k - 2, k)):
+            chosen[(k - 2, k)] = triangle(k, path[k - 1], path[k])[0]
+    return chosen
+
+
 def _check_connected(count: int, pairs: list[Pair], groups: _Groups) -> None:
     parent = list(range(count))
 

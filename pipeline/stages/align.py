@@ -74,7 +74,7 @@ def register_task(fixed: str, moving: str, output: str, fixed_section: str, movi
         raise SlidepipeError(f"cleaned thumbnails differ in size ({fixed_image.shape} vs {moving_image.shape}): "
                              "re-run clean for the whole channel", moving)
     try:
-        result = register_pair(fixed_image, moving_image, backend=backend, threads=threads)
+        result = register_pair(fixed_image, moving_image, backend=backend, threads=threads, hypotheses=True)
     except SlidepipeError as exc:
         raise SlidepipeError(exc.reason, moving) from exc
     data = {"fixed": fixed_section, "moving": moving_section, **result.to_dict()}
@@ -88,38 +88,54 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
     """One pose per section onto the reference from all its pairs (`pose_graph.solve_poses`).
 
     sections: the available sections in stack order; pairs: {"fixed", "moving", "step", and
-    "pairwise": path or "manual": [rot, x, y]} (a manual pair is a hard constraint). Each
+    "pairwise": path or "manual": [rot, x, y]} (a manual pair is a hard constraint). Of each
+    registered pair's hypotheses the one most consistent around the stack's triangles is used
+    (`pose_graph.choose_hypotheses`; the result's `pairs[].hypothesis` says which). Each
     section's cleaned channel-1 thumbnail gives its tissue centroid, a weak anchor that keeps the
     stack from wandering (measured best on the sample, docs/processing.md)."""
-    from pipeline.imaging.pose_graph import Pair, anchor_of, rms_radius, solve_poses
+    from pipeline.imaging.pose_graph import Pair, anchor_of, choose_hypotheses, rms_radius, solve_poses
     from pipeline.imaging.qc import flag_sections, misfit
     from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
     from pipeline.stages.section_files import read_image
 
     center = canvas_center(tuple(canvas))
     index = {name: i for i, name in enumerate(sections)}
-    graph, sources, ncc = [], {}, {}
+    images = {name: read_image(cleaned[name]) for name in sections}
+    radius = rms_radius(images[reference], center)
+    # every computed pair's hypotheses (register_pair(hypotheses=True)); the triangles choose
+    measured, candidates = {}, {}
     for pair in pairs:
+        if pair.get("manual") is not None:
+            continue
+        data = json.loads(Path(pair["pairwise"]).read_text())
+        if data["fixed"] != pair["fixed"] or data["moving"] != pair["moving"]:
+            raise SlidepipeError(f"pairwise transform is for {data['fixed']}->{data['moving']}, expected "
+                                 f"{pair['fixed']}->{pair['moving']}", pair["pairwise"])
+        options = data.get("hypotheses") or [{**data, "score": (data.get("start") or {}).get("final_score")}]
+        key = (index[pair["fixed"]], index[pair["moving"]])
+        measured[key] = (data, options)
+        candidates[key] = [(rigid_matrix(h["rotation"], h["xshift"], h["yshift"], center),
+                            0.0 if h.get("score") is None else float(h["score"])) for h in options]
+    chosen = choose_hypotheses(len(sections), candidates, center, radius)
+    graph, sources, ncc, picked = [], {}, {}, {}
+    for pair in pairs:
+        key = (index[pair["fixed"]], index[pair["moving"]])
         if pair.get("manual") is not None:
             matrix, hard, source = rigid_matrix(*pair["manual"], center), True, "manual"
         else:
-            data = json.loads(Path(pair["pairwise"]).read_text())
-            if data["fixed"] != pair["fixed"] or data["moving"] != pair["moving"]:
-                raise SlidepipeError(f"pairwise transform is for {data['fixed']}->{data['moving']}, expected "
-                                     f"{pair['fixed']}->{pair['moving']}", pair["pairwise"])
-            matrix = rigid_matrix(data["rotation"], data["xshift"], data["yshift"], center)
-            hard, source = False, data["backend"]
-            if data.get("start", {}).get("final_score") is not None:
-                ncc[(pair["fixed"], pair["moving"])] = float(data["start"]["final_score"])
-        graph.append(Pair(index[pair["fixed"]], index[pair["moving"]], matrix, hard=hard))
+            data, options = measured[key]
+            choice = chosen.get(key, 0)
+            matrix, hard, source = candidates[key][choice][0], False, data["backend"]
+            picked[key] = choice
+            if options[choice].get("score") is not None:
+                ncc[(pair["fixed"], pair["moving"])] = float(options[choice]["score"])
+        graph.append(Pair(key[0], key[1], matrix, hard=hard))
         if pair["step"] == 1:
             sources[pair["moving"]] = source
-    images = {name: read_image(cleaned[name]) for name in sections}
     # a section placed by hand onto its neighbour keeps no centroid cue of its own: with the hard
     # constraint it would pull the neighbour away from that neighbour's registrations
     placed = {p["moving"] for p in pairs if p.get("manual") is not None}
     anchors = [None if name in placed else anchor_of(images[name]) for name in sections]
-    radius = rms_radius(images[reference], center)
     try:
         solution = solve_poses(len(sections), graph, index[reference], center, radius, anchors=anchors)
     except SlidepipeError as exc:
@@ -131,7 +147,7 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
             "section": name, "reference": reference, "canvas": list(canvas),
             "matrix": [[float(v) for v in row] for row in matrix],
             "rotation": rotation, "xshift": xshift, "yshift": yshift,
-            "pairwise_source": sources.get(name, "reference"), "method": "pose graph (k-1, k-2, centroid anchors)",
+            "pairwise_source": sources.get(name, "reference"), "method": "pose graph (k-1, k-2, hypotheses by triangles, centroid anchors)",
             "convention": "aligned(p) = cleaned(matrix @ p); p = (x, y, 1) thumbnail pixel centres of the canvas",
         }, indent=1)
         path = Path(outputs[name])
@@ -142,7 +158,8 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
         disagreement[name] = None if not np.isfinite(solution.section_disagreement[index[name]]) else \
             float(solution.section_disagreement[index[name]])
     residuals = [{"fixed": p["fixed"], "moving": p["moving"], "step": p["step"], "residual": float(r),
-                  "weight": float(w), "outvoted": bool(o)}
+                  "weight": float(w), "outvoted": bool(o),
+                  "hypothesis": picked.get((index[p["fixed"]], index[p["moving"]]), 0)}
                  for p, r, w, o in zip([q for q in pairs if q.get("manual") is None], solution.pair_residual,
                                        solution.pair_weight, solution.outvoted)]
     # what the stack uses now for each section onto its previous one: the start of a manual fix
@@ -285,7 +302,8 @@ def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
                     "fixed_section": fixed.name, "moving_section": moving.name, "backend": backend,
                     "threads": threads},
             inputs=[fixed_path, moving_path], outputs=[output],
-            params={"fixed": fixed.name, "backend": backend, "settings": settings_hash}, label=str(moving_path)))
+            params={"fixed": fixed.name, "backend": backend, "settings": settings_hash, "hypotheses": True},
+            label=str(moving_path)))
     results = ctx.execute(tasks, desc="register pairs")
     _record_pairs(ctx, available, results)
     return results
@@ -383,7 +401,7 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
                         "reference": reference, "canvas": canvas, "outputs": outputs},
                 inputs=inputs, outputs=[Path(p) for p in outputs.values()],
                 params={"pairs": [{k: v for k, v in p.items() if k != "pairwise"} for p in pairs],
-                        "reference": reference, "canvas": canvas, "method": "pose graph, centroid anchors",
+                        "reference": reference, "canvas": canvas, "method": "pose graph, centroid anchors, hypotheses by triangles",
                         "qc": "qc.flag_sections: disagreement, misfit"},
                 label=str(ctx.layout.transforms_dir))
     if missing:
