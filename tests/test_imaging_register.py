@@ -109,3 +109,25 @@ def test_coarse_start_reports_a_mirrored_section_without_applying_it():
     assert coarse_start(fixed, flipped).mirrored_score is None  # only searched when asked
     result = register_pair(fixed, flipped, backend="simpleitk", detect_flips=True)
     assert result.start["looks_mirrored"] is True and np.isclose(np.linalg.det(result.matrix()[:2, :2]), 1.0)
+
+
+def test_hypotheses_include_the_metric_over_the_fixed_tissue():
+    """A corner of the fixed section is missing (17% of its tissue): the registration as is lets
+    the outline pull the match; a hypothesis with the metric over the fixed tissue only is not
+    pulled. The result itself is the first hypothesis; the stack chooses among them."""
+    fixed, moving, truth, footprint = _cleaned_pair(20.0, seed=5)
+    yy, xx = np.mgrid[0:fixed.shape[0], 0:fixed.shape[1]]
+    cut = (xx - 0.9 * yy) > 50
+    fixed = np.where(cut, 0, fixed).astype(fixed.dtype)
+    kept = footprint & ~cut
+    result = register_pair(fixed, moving, backend="elastix", hypotheses=True)
+    center = canvas_center(fixed.shape)
+    errors = [(h["kind"], h["start_rank"], _rms(rigid_matrix(h["rotation"], h["xshift"], h["yshift"], center), truth, kept))
+              for h in result.hypotheses]
+    print(f"fixed section missing {cut[footprint].mean():.0%} of its tissue: RMS px by hypothesis (kind, coarse peak): "
+          + ", ".join(f"{k} {r}: {e:.2f}" for k, r, e in errors))
+    assert np.allclose(rigid_matrix(result.hypotheses[0]["rotation"], result.hypotheses[0]["xshift"],
+                                    result.hypotheses[0]["yshift"], center), result.matrix())
+    assert {"as is", "fixed tissue", "from start"} <= {k for k, _, _ in errors}
+    assert errors[0][2] > 1.0  # as is: pulled by the outline
+    assert min(e for k, _, e in errors if k == "fixed tissue") < 0.3

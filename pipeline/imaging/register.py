@@ -35,6 +35,11 @@ from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_param
 ELASTIX_DIR = Path(__file__).with_name("elastix")
 PARAMETER_FILES = (ELASTIX_DIR / "translation.txt", ELASTIX_DIR / "rigid.txt")
 """Applied in this order; each map starts from the result of the previous one."""
+FROM_START_FILES = (ELASTIX_DIR / "translation_from_start.txt", ELASTIX_DIR / "rigid.txt")
+"""A further hypothesis (Elastix only): the translation stage keeps the coarse start instead of
+re-starting from the centres of gravity."""
+RECORDED_FILES = (*PARAMETER_FILES, FROM_START_FILES[0])
+"""Every map the align stage may use (recorded in the run, hashed into the fingerprints)."""
 
 SITK_SETTINGS = {
     "histogram_bins": 32, "sampling_percentage": 0.99, "seed": 1234, "learning_rate": 2.0,
@@ -81,7 +86,8 @@ class RigidResult:
     """The coarse search's report (`CoarseStart.describe()`), when it ran."""
     hypotheses: tuple[dict, ...] = ()
     """With `register_pair(hypotheses=True)`: every refined candidate, this result first:
-    {rotation, xshift, yshift, score (NCC), start_rank, masked}."""
+    {rotation, xshift, yshift, score (NCC), start_rank, kind: "as is", "fixed tissue" (the metric
+    over the fixed section's tissue only) or "from start" (`FROM_START_FILES`)}."""
 
     def matrix(self) -> np.ndarray:
         return rigid_matrix(self.rotation, self.xshift, self.yshift, self.center)
@@ -139,8 +145,9 @@ def register_pair(
     distinct candidates and keeping the result that matches best; `detect_flips`: also score the
     mirrored moving image and report it in `start` (never applied); `hypotheses`: also refine
     the coarse peaks that scored within HYPOTHESIS_MARGIN of the best, and every start again with
-    the fixed section's tissue as the metric's mask, and return them all (`RigidResult.hypotheses`,
-    the result itself first) for the pose solve to choose the consistent ones.
+    the fixed section's tissue as the metric's mask and (Elastix) without the centre-of-gravity
+    restart, and return them all (`RigidResult.hypotheses`, the result itself first) for the
+    pose solve to choose the consistent ones.
     """
     if fixed.shape[:2] != moving.shape[:2]:
         raise SlidepipeError(f"fixed {fixed.shape} and moving {moving.shape} images differ in size")
@@ -162,11 +169,11 @@ def register_pair(
     padded_shape = fixed_p.shape
     center = canvas_center(fixed_f.shape)
 
-    def refine(initial, mask):
+    def refine(initial, mask, files=parameter_files):
         start_padded = shift @ initial @ np.linalg.inv(shift)
         moving_p = cv2.warpAffine(np.pad(moving_f, pad), start_padded[:2], (padded_shape[1], padded_shape[0]),
                                   flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderValue=0)
-        fine = _fine(backend, fixed_p, moving_p, mask, parameter_files, threads)
+        fine = _fine(backend, fixed_p, moving_p, mask, files, threads)
         # fixed(p) ~ started(F p) = moving(S F p), in padded coordinates; back to the canvas
         total = np.linalg.inv(shift) @ start_padded @ fine.matrix() @ shift
         return match_score(fixed_f, moving_f, total), total, fine
@@ -182,28 +189,36 @@ def register_pair(
     report = {**start.describe(), "final_score": score, "start_rank": rank, "starts_tried": min(starts, len(initials))}
     found = []
     if hypotheses:
-        found.append(_hypothesis(total, center, score, rank, False))
+        found.append(_hypothesis(total, center, score, rank, "as is"))
         # the coarse peaks that scored nearly as well, and each start again over the fixed tissue only
         ranks = [0] + [k + 1 for k, s in enumerate(start.alternative_scores) if s >= start.score - HYPOTHESIS_MARGIN]
         tissue = np.pad(ndi.binary_erosion(fixed_f > 0, iterations=1), pad) if mask_p is None else mask_p
+        variants = [(None, parameter_files, "as is"), (tissue, parameter_files, "fixed tissue")]
+        if backend == "elastix":
+            variants.append((None, FROM_START_FILES, "from start"))
         for k in ranks:
-            for mask in ((None, tissue) if k != rank else (tissue,)):
-                h_score, h_total, _ = refine(initials[k], mask)
-                found.append(_hypothesis(h_total, center, h_score, k, mask is not None))
+            for mask, files, kind in variants:
+                if (k, kind) == (rank, "as is"):
+                    continue
+                try:
+                    h_score, h_total, _ = refine(initials[k], mask, files)
+                except SlidepipeError:  # e.g. too few samples in a tiny section's mask: one hypothesis less
+                    continue
+                found.append(_hypothesis(h_total, center, h_score, k, kind))
     return replace(fine, rotation=rotation, xshift=xshift, yshift=yshift, center=center, start=report,
                    hypotheses=tuple(found))
 
 
-def _hypothesis(matrix, center, score, rank, masked) -> dict:
+def _hypothesis(matrix, center, score, rank, kind) -> dict:
     rotation, xshift, yshift = rigid_parameters(matrix, center)
     return {"rotation": rotation, "xshift": xshift, "yshift": yshift, "score": float(score), "start_rank": int(rank),
-            "masked": bool(masked)}
+            "kind": kind}
 
 
-def _fine(backend, fixed, moving, fixed_mask, parameter_files, threads) -> RigidResult:
+def _fine(backend, fixed, moving, fixed_mask, parameter_files, threads, moving_mask=None) -> RigidResult:
     if backend == "elastix":
-        return _register_elastix(fixed, moving, fixed_mask, parameter_files, threads)
-    return _register_simpleitk(fixed, moving, fixed_mask, threads)
+        return _register_elastix(fixed, moving, fixed_mask, parameter_files, threads, moving_mask)
+    return _register_simpleitk(fixed, moving, fixed_mask, threads, moving_mask)
 
 
 def _as_float(image: np.ndarray, name: str) -> np.ndarray:
@@ -222,7 +237,7 @@ _ITERATION_ROW = re.compile(r"^\d+\t", re.MULTILINE)
 _FINAL_METRIC = re.compile(r"Final metric value\s*=\s*(\S+)")
 
 
-def _register_elastix(fixed, moving, fixed_mask, parameter_files, threads) -> RigidResult:
+def _register_elastix(fixed, moving, fixed_mask, parameter_files, threads, moving_mask=None) -> RigidResult:
     itk = _load_itk()
     parameters = itk.ParameterObject.New()
     for path in parameter_files:
@@ -232,6 +247,8 @@ def _register_elastix(fixed, moving, fixed_mask, parameter_files, threads) -> Ri
     kwargs = {}
     if fixed_mask is not None:
         kwargs["fixed_mask"] = itk.GetImageFromArray(np.ascontiguousarray(fixed_mask.astype(np.uint8)))
+    if moving_mask is not None:
+        kwargs["moving_mask"] = itk.GetImageFromArray(np.ascontiguousarray(moving_mask.astype(np.uint8)))
     if threads:
         kwargs["number_of_threads"] = int(threads)
     with tempfile.TemporaryDirectory(prefix="slidepipe-elastix-") as workdir:
@@ -269,12 +286,13 @@ def _map_matrix(parameter_map: dict) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------- SimpleITK
-def _register_simpleitk(fixed, moving, fixed_mask, threads) -> RigidResult:
+def _register_simpleitk(fixed, moving, fixed_mask, threads, moving_mask=None) -> RigidResult:
     import SimpleITK as sitk
 
     s = SITK_SETTINGS
     fixed_image, moving_image = sitk.GetImageFromArray(fixed), sitk.GetImageFromArray(moving)
     mask_image = None if fixed_mask is None else sitk.GetImageFromArray(fixed_mask.astype(np.uint8))
+    moving_mask_image = None if moving_mask is None else sitk.GetImageFromArray(moving_mask.astype(np.uint8))
     iterations = [0]
 
     def method(iterations_max: int, initial, scales_from_shift: bool):
@@ -284,6 +302,8 @@ def _register_simpleitk(fixed, moving, fixed_mask, threads) -> RigidResult:
         reg.SetMetricSamplingPercentage(s["sampling_percentage"], s["seed"])
         if mask_image is not None:
             reg.SetMetricFixedMask(mask_image)
+        if moving_mask_image is not None:
+            reg.SetMetricMovingMask(moving_mask_image)
         reg.SetInterpolator(sitk.sitkLinear)
         reg.SetOptimizerAsRegularStepGradientDescent(
             learningRate=s["learning_rate"], minStep=1e-4, numberOfIterations=iterations_max, gradientMagnitudeTolerance=1e-8)

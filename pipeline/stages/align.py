@@ -287,9 +287,9 @@ def _pair_key(step: int, moving: str) -> str:
 
 
 def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
-    from pipeline.imaging.register import SITK_SETTINGS, parameter_texts
+    from pipeline.imaging.register import RECORDED_FILES, SITK_SETTINGS, parameter_texts
 
-    settings = parameter_texts() if backend == "elastix" else SITK_SETTINGS
+    settings = parameter_texts(RECORDED_FILES) if backend == "elastix" else SITK_SETTINGS
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     threads = max(1, (os.cpu_count() or 1) // max(1, ctx.settings.workers))
     tasks = []
@@ -507,7 +507,7 @@ def _warp(ctx: StageContext, available, transforms: dict[str, Path]) -> None:
 def _record_registration_settings(ctx: StageContext, backend: str) -> None:
     """The parameter maps actually used go into the run's params (pipeline_run.params)."""
     from db.models import PipelineRun
-    from pipeline.imaging.register import SITK_SETTINGS, parameter_texts
+    from pipeline.imaging.register import RECORDED_FILES, SITK_SETTINGS, parameter_texts
 
     if ctx.run_id is None:
         return
@@ -515,7 +515,7 @@ def _record_registration_settings(ctx: StageContext, backend: str) -> None:
         run = session.get(PipelineRun, ctx.run_id)
         params = json.loads(run.params or "{}")
         params["registration_backend"] = backend
-        params["registration_settings"] = parameter_texts() if backend == "elastix" else SITK_SETTINGS
+        params["registration_settings"] = parameter_texts(RECORDED_FILES) if backend == "elastix" else SITK_SETTINGS
         run.params = json.dumps(params, sort_keys=True, default=str)
 
 
