@@ -91,7 +91,9 @@ def test_unconnected_sections_are_an_error():
 def test_drift_over_a_long_stack_is_removed():
     """120 sections whose anatomy changes slowly: each pair's registration is a little biased
     the same way along the stack (0.1 px and 0.1 degree, slowly turning) plus noise. Chaining adds
-    the bias up; the pose solve with the stack's centroids as weak anchors does not."""
+    the bias up; the pose solve with the stack's centroids as anchors, one by one weakly and their
+    running mean (the slow trend) tightly, does not: issue 10's target, end-to-end drift at most
+    twice the per-pair error."""
     count = 120
     truth, reference = true_poses(count, seed=3)
     rng = np.random.default_rng(4)
@@ -117,15 +119,15 @@ def test_drift_over_a_long_stack_is_removed():
 
     chained = chain(pairs, count, reference)
     graph = solve_poses(count, pairs, reference, CENTER, RADIUS).poses
+    one_by_one = solve_poses(count, pairs, reference, CENTER, RADIUS, anchors=anchors, trend_window=None).poses
     anchored = solve_poses(count, pairs, reference, CENTER, RADIUS, anchors=anchors).poses
     print(f"per-pair error {per_pair:.3f} px (RMS over the tissue); end-to-end drift: chained {end_to_end(chained):.2f} px, pose solve "
-          f"{end_to_end(graph):.2f} px, with anchors {end_to_end(anchored):.2f} px; worst section: chained "
+          f"{end_to_end(graph):.2f} px, with the centroids one by one {end_to_end(one_by_one):.2f} px, and their trend "
+          f"{end_to_end(anchored):.2f} px; worst section: chained "
           f"{worst_error(chained, truth):.2f}, pose solve {worst_error(graph, truth):.2f}, with anchors "
           f"{worst_error(anchored, truth):.2f} px")
-    # measured: the issue's target (at most 2x the per-pair error) is NOT reached yet: the
-    # rotation part of the bias still accumulates (the centroid anchors only hold translation)
     assert end_to_end(chained) > 2 * per_pair
-    assert end_to_end(anchored) < 0.6 * end_to_end(chained)
+    assert end_to_end(anchored) <= 2 * per_pair
     assert worst_error(anchored, truth) < worst_error(graph, truth) < worst_error(chained, truth)
 
 

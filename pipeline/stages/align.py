@@ -147,7 +147,7 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
             "section": name, "reference": reference, "canvas": list(canvas),
             "matrix": [[float(v) for v in row] for row in matrix],
             "rotation": rotation, "xshift": xshift, "yshift": yshift,
-            "pairwise_source": sources.get(name, "reference"), "method": "pose graph (k-1, k-2, hypotheses by triangles, centroid anchors)",
+            "pairwise_source": sources.get(name, "reference"), "method": "pose graph (k-1, k-2, hypotheses by triangles, centroid anchors and their trend)",
             "convention": "aligned(p) = cleaned(matrix @ p); p = (x, y, 1) thumbnail pixel centres of the canvas",
         }, indent=1)
         path = Path(outputs[name])
@@ -369,6 +369,7 @@ def _manual_rows(ctx: StageContext) -> dict[int, object]:
 def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dict[str, Path] | None:
     """The compose task over every registered pair; a manual transform of S onto its previous
     section replaces S's computed registrations (k-1 and k-2) and is held exactly."""
+    from pipeline.imaging.pose_graph import choice_settings
     from pipeline.stages.section_files import read_image
 
     manual = _manual_rows(ctx)
@@ -401,7 +402,9 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
                         "reference": reference, "canvas": canvas, "outputs": outputs},
                 inputs=inputs, outputs=[Path(p) for p in outputs.values()],
                 params={"pairs": [{k: v for k, v in p.items() if k != "pairwise"} for p in pairs],
-                        "reference": reference, "canvas": canvas, "method": "pose graph, centroid anchors, hypotheses by triangles",
+                        "reference": reference, "canvas": canvas,
+                        "method": "pose graph, centroid anchors and their trend, hypotheses by triangles",
+                        "settings": choice_settings(),
                         "qc": "qc.flag_sections: disagreement, misfit"},
                 label=str(ctx.layout.transforms_dir))
     if missing:
