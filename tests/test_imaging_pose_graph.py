@@ -182,10 +182,19 @@ def test_wrong_tissue_that_registers_consistently_is_flagged_by_its_neighbours_a
     assert list(flags) == ["003"] and "neighbours match each other better" in flags["003"]
 
 
-def test_a_section_most_of_whose_pairs_fit_better_mirrored_is_named():
-    pairs = [(i - k, i, i == 4 or i - k == 4) for i in range(1, 8) for k in (1, 2) if i - k >= 0]
-    pairs = [(f, m, looks or (f, m) == (1, 3)) for f, m, looks in pairs]  # one false report elsewhere
-    assert mirrored_sections(8, pairs) == [4]
+def test_the_sections_whose_pairs_fit_better_mirrored_are_named_by_parity():
+    """A pair fits better mirrored exactly when one of its sections is mirrored: two mirrored
+    sections two apart (4 and 6) share a k-2 pair that fits as mounted, which a count of each
+    section's own pairs misses (6 has 2 of its 4); one false report elsewhere is outvoted."""
+    mirrored = {4, 6}
+    pairs = [(i - k, i, 0.2 if (i in mirrored) != (i - k in mirrored) else -0.2) for i in range(1, 10) for k in (1, 2)
+             if i - k >= 0]
+    pairs = [(f, m, 0.15 if (f, m) == (1, 3) else e) for f, m, e in pairs]  # one false report elsewhere
+    assert mirrored_sections(10, pairs) == [4, 6]
+    assert mirrored_sections(10, [(f, m, -abs(e)) for f, m, e in pairs]) == []
+    # a section at the end of the stack has two pairs: weak evidence names it only when both agree
+    assert mirrored_sections(4, [(0, 1, -0.3), (1, 2, -0.3), (0, 2, -0.3), (2, 3, 0.3), (1, 3, 0.3)]) == [3]
+    assert mirrored_sections(4, [(0, 1, -0.3), (1, 2, -0.3), (0, 2, -0.3), (2, 3, 0.3), (1, 3, -0.1)]) == []
 
 
 def test_the_hypotheses_consistent_around_the_triangles_are_chosen():

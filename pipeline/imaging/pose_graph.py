@@ -246,10 +246,10 @@ ALTERNATIVE_COST = 1.2
 triangle off by 1.5 px): at the ends of the stack a section has one triangle, and a hypothesis
 that fitted a wrong k-2 pair there was chosen over the right result (hard sample section 0: 2.2
 px off; standard sample: 5 pairs more than 1 degree off instead of 1). Chosen on the two samples
-(2026-12-06, stack RMS px against the truth, standard / hard): 0 -> 0.46 / 0.65; 0.5 -> 0.39 / 0.61;
-0.7-0.9 -> ? / 0.61; 1.0-1.2 -> 0.40 / 0.42; 1.4-1.6 -> 0.40 / 0.51; 1.9 -> ? / 1.21 (the pole's
-right turn then loses to the registration's half turn). A tuned constant: the range that works
-on the hard sample is narrow."""
+(2026-12-06, stack RMS px against the truth offline, standard / hard): 0 -> 0.46 / 0.65; 0.5 ->
+0.39 / 0.61; 0.7-0.9 -> 0.40 / 0.61; 1.0-1.2 -> 0.40 / 0.42; 1.4-1.6 -> 0.40 / 0.51; 1.9 -> 0.40 /
+1.21 (the pole's right turn then loses to the registration's half turn). A tuned constant: the
+range that works on the hard sample is narrow."""
 
 
 def choice_settings() -> dict:

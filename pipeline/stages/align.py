@@ -184,8 +184,8 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
 
 def flips_task(pairs: list[list[str]], cleaned: dict[str, str], output: str) -> dict:
     """Each pair's coarse rotation search, also over the mirrored moving section
-    (`rotation_search.coarse_start(mirror=True)`, a few ms a pair, no Elastix); the sections most
-    of whose pairs fit better mirrored (`qc.mirrored_sections`). Reported only."""
+    (`rotation_search.coarse_start(mirror=True)`, a few ms a pair, no Elastix); the sections the
+    pairs, taken together, say are mirrored (`qc.mirrored_sections`). Reported only."""
     from pipeline.imaging.qc import mirrored_sections
     from pipeline.imaging.rotation_search import coarse_start
     from pipeline.stages.section_files import read_image
@@ -198,8 +198,8 @@ def flips_task(pairs: list[list[str]], cleaned: dict[str, str], output: str) -> 
         start = coarse_start(images[fixed], images[moving], mirror=True)
         found.append({"fixed": fixed, "moving": moving, "score": float(start.score),
                       "mirrored_score": float(start.mirrored_score), "looks_mirrored": bool(start.looks_mirrored)})
-    mirrored = [names[i] for i in mirrored_sections(len(names), [(index[p["fixed"]], index[p["moving"]], p["looks_mirrored"])
-                                                                 for p in found])]
+    mirrored = [names[i] for i in mirrored_sections(len(names), [
+        (index[p["fixed"]], index[p["moving"]], p["mirrored_score"] - p["score"]) for p in found])]
     data = {"looks_mirrored": mirrored, "pairs": found}
     with atomic_path(Path(output)) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
@@ -421,11 +421,14 @@ def _detect_flips(ctx: StageContext, available) -> None:
     """--detect-flips: name the sections that look mirrored (warning, pipeline_run.summary). A
     rigid transform cannot undo a mirror and whether one is wanted is the user's call: the scan
     run's --flip/--flop, or re-mounting, are theirs."""
+    from pipeline.imaging.qc import MIRROR_PRIOR
+
     cleaned = _cleaned_thumbnails(ctx, available)
     pairs = [[fixed.name, moving.name] for _, fixed, moving in _neighbour_pairs(available)]
     output = ctx.layout.transforms_dir / "mirror_check.json"
     done = ctx.execute([Task(key="flips", func=flips_task, kwargs={"pairs": pairs, "cleaned": cleaned, "output": str(output)},
-                             inputs=[Path(p) for p in cleaned.values()], outputs=[output], params={"pairs": pairs},
+                             inputs=[Path(p) for p in cleaned.values()], outputs=[output],
+                             params={"pairs": pairs, "rule": "parity", "prior": MIRROR_PRIOR},
                              label=str(ctx.layout.transforms_dir))], desc="mirror check")
     if "flips" not in done:
         return
