@@ -15,6 +15,14 @@ into; its limit is that a brain whose sections' centroids or axes really move a 
 stack is pulled slightly towards a straight stack (the cue is itself robustly weighted, so a
 torn section's shifted centroid is outvoted by its pairs).
 
+The running mean of a few neighbouring sections' aligned centroids is held much tighter
+(`TREND_WINDOW`, `TREND_SHIFT_PX`): one centroid is a noisy cue, their mean is not, and it is the
+slow trend that pairwise errors add up to.
+
+Before the solve, `choose_hypotheses` picks, of each pair's refined hypotheses (several coarse
+starts, metric masks), the combination consistent around the stack's triangles: a pair half a
+turn off can score better alone, but cannot agree with its neighbours' pairs.
+
 Manual transforms are hard constraints: sections joined by one are solved as one rigid body.
 
 Poses follow `pipeline.imaging.transforms`: `pose[i]` maps reference-canvas points to section
