@@ -457,13 +457,16 @@ def _worker(argv: list[str]) -> int:
     if not settings.data_root.is_dir():
         print(f"error: {settings.data_root}: the data root is not a directory here (--data-root)", file=sys.stderr)
         return EXIT_USAGE
-    from pipeline.queued import run_worker
+    from pipeline.queued import run_worker, runner_tasks_done
 
     print(f"worker {os.getpid()}: tasks of {settings.queue_url}, data root {settings.data_root.absolute()}",
           file=sys.stderr, flush=True)
-    done = run_worker(settings.queue_url, lease_seconds=args.lease_seconds, stop_when_empty=args.stop_when_empty,
-                      data_root=settings.data_root)
-    print(f"worker {os.getpid()}: {done} task(s) run", file=sys.stderr)
+    with sigterm_unwinds():  # scancel / kubectl delete: say what was done, then die by the signal
+        try:
+            run_worker(settings.queue_url, lease_seconds=args.lease_seconds, stop_when_empty=args.stop_when_empty,
+                       data_root=settings.data_root)
+        finally:
+            print(f"worker {os.getpid()}: {runner_tasks_done()} stage task(s) run", file=sys.stderr, flush=True)
     return 0
 
 

@@ -186,7 +186,7 @@ class Batch:
 
 # ------------------------------------------------------------------------------------------
 # the worker's side
-_WORKER: dict[str, Any] = {"data_root": None, "queue_url": None}
+_WORKER: dict[str, Any] = {"data_root": None, "queue_url": None, "done": 0}
 
 
 def execute_queued(spec: dict) -> None:
@@ -219,7 +219,12 @@ def execute_queued(spec: dict) -> None:
             tmp.write_text(json.dumps(data, default=str))
     except FileNotFoundError:
         log.info("%s of %s finished after its run ended: result dropped", spec["key"], spec["batch"])
-    _WORKER["done"] = _WORKER.get("done", 0) + 1
+    _WORKER["done"] += 1
+
+
+def runner_tasks_done() -> int:
+    """How many of the runner's tasks this worker process ran (what it reports when it stops)."""
+    return _WORKER["done"]
 
 
 # ------------------------------------------------------------------------------------------
