@@ -170,6 +170,9 @@ def test_every_stage_through_a_queue_with_two_workers_equals_a_local_run(tmp_pat
     finally:
         for proc in workers:
             stop(proc)
+        for name in ("first", "second", "third"):  # shown when the test fails
+            log = tmp_path / f"{name}.log"
+            print(f"--- {name} worker:\n{log.read_text() if log.exists() else '(not started)'}")
     assert failed.returncode == 1, failed.stderr
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: {broken}: "), failed.stderr
@@ -250,3 +253,59 @@ def test_runner_without_workers_says_what_it_waits_for_and_sigterm_records_the_r
         assert s.scalars(select(StageLock)).first() is None, "the lock is released at once"
     assert not any((tmp_path / "queue" / "builds").iterdir()), "its tasks are taken off the queue"
     assert not any((root / ".queue").iterdir())
+
+
+@pytest.fixture
+def sqs_server(tmp_path, monkeypatch):
+    """moto's SQS-compatible server on a free local port, and the environment that points boto3
+    (which python-task-queue's sqs:// uses) at it, for this process and the subprocesses."""
+    pytest.importorskip("moto")
+    import socket as sockets
+
+    import boto3
+
+    with sockets.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    for name, value in {"AWS_ENDPOINT_URL_SQS": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with sockets.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("moto's SQS server did not start")
+                time.sleep(0.1)
+        boto3.client("sqs", region_name="us-east-1").create_queue(QueueName="slidepipe-test")
+        yield "sqs://slidepipe-test"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_extract_and_mask_through_an_sqs_queue_equal_a_local_run(tmp_path, sqlite_url, sqs_server):
+    sample = tmp_path / "sample"
+    build_sample(sample, animal="DEMO", seed=0, size="tiny")
+    local_root, queue_root = tmp_path / "local", tmp_path / "queued"
+    shutil.copytree(sample, local_root)
+    shutil.copytree(sample, queue_root)
+    local_db = f"sqlite:///{tmp_path / 'local.db'}"
+    for stage in ("extract", "mask"):
+        assert main(["--animal", "DEMO", "--task", stage, "--data-root", str(local_root), "--db-url", local_db,
+                     "--workers", "2"]) == 0
+    proc = start_worker(sqs_server, queue_root, tmp_path / "cwd", "--lease-seconds", "60", log=tmp_path / "worker.log")
+    try:
+        for stage in ("extract", "mask"):
+            done = queued(queue_root, sqlite_url, stage, "true", sqs_server)
+            assert done.returncode == 0, done.stderr
+    finally:
+        stop(proc)
+    assert files(queue_root) == files(local_root)
+    assert rows(sqlite_url, queue_root) == rows(local_db, local_root)
+    assert (tmp_path / "worker.log").read_text().splitlines()[-1].endswith(": 20 stage task(s) run")
