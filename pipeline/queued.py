@@ -10,6 +10,7 @@ deletes it. So workers never open the database, and provenance is the same as a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
@@ -17,7 +18,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -256,7 +256,13 @@ def remove_build_queue(queue_url: str, name: str) -> None:
         from taskqueue import TaskQueue
 
         TaskQueue(queue_url, progress=False).purge()
-        shutil.rmtree(queue_url[len("fq://"):], ignore_errors=True)
+        # Renamed away first, in one step: a worker opening the sub-queue while it is deleted
+        # would make its folders again (FileQueueAPI does) and leave an empty sub-queue behind.
+        path = Path(queue_url[len("fq://"):])
+        trash = path.with_name(f".removed-{path.name}")
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _build_queues(queue_url: str) -> list[str]:
@@ -265,9 +271,14 @@ def _build_queues(queue_url: str) -> list[str]:
         return []
     builds = Path(queue_url[len("fq://"):]) / BUILDS_DIR
     try:
-        found = sorted((e for e in os.scandir(builds) if e.is_dir()), key=lambda e: e.stat().st_mtime)
+        found = []
+        for entry in os.scandir(builds):
+            with contextlib.suppress(FileNotFoundError):  # removed by its run meanwhile
+                if entry.is_dir() and not entry.name.startswith("."):
+                    found.append((entry.stat().st_mtime, entry))
     except FileNotFoundError:
         return []
+    found = [entry for _mtime, entry in sorted(found, key=lambda pair: pair[0])]
     return [f"{queue_url.rstrip('/')}/{BUILDS_DIR}/{e.name}" for e in found]
 
 
@@ -337,7 +348,7 @@ def _run_one(url: str, lease_seconds: int) -> bool:
 
 def _gone(url: str) -> bool:
     """A build's sub-queue its build already removed (opening it would create it again)."""
-    return url.startswith("fq://") and f"/{BUILDS_DIR}/" in url and not Path(url[len("fq://"):]).is_dir()
+    return url.startswith("fq://") and f"/{BUILDS_DIR}/" in url and not (Path(url[len("fq://"):]) / "queue").is_dir()
 
 
 def _is_empty(url: str) -> bool:
