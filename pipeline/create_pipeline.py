@@ -275,6 +275,7 @@ def _run_locked(module, engine, settings: Settings, args, channel: int, lease) -
     lease.attach(run_id)
     ctx = StageContext(settings=settings, engine=engine, animal=args.animal, stage=name, version=module.VERSION,
                        channel=channel, downsample=args.downsample, params=params, args=args, run_id=run_id, lease=lease)
+    ctx.remove_ended_batches()
     extra = None
     try:
         module.run(ctx)

@@ -60,13 +60,18 @@ def server_state_dir(data_root: str | Path) -> Path:
     return Path(data_root).absolute() / ".serve"
 
 
+def queue_results_root(data_root: str | Path) -> Path:
+    """The folder of every runner batch's results directory (`queue_results_dir`)."""
+    return Path(data_root).absolute() / ".queue"
+
+
 def queue_results_dir(data_root: str | Path, batch: str) -> Path:
     """Where queue workers leave the outcomes of one runner batch (`pipeline.queued`) for the
     runner to record. Under the shared data root, because workers have no database; in a dot
     folder, which no animal name can be."""
     if not batch or "/" in batch or batch.startswith("."):
         raise ValueError(f"not a batch name: {batch!r}")
-    return Path(data_root).absolute() / ".queue" / batch
+    return queue_results_root(data_root) / batch
 
 
 def queue_result(data_root: str | Path, batch: str, task_key: str) -> Path:

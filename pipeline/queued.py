@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from pipeline.atomic import atomic_path, sha256_file
 from pipeline.errors import SlidepipeError
-from pipeline.layout import queue_result, queue_results_dir
+from pipeline.layout import queue_result, queue_results_dir, queue_results_root
 
 log = logging.getLogger("slidepipe")
 
@@ -182,6 +182,35 @@ class Batch:
     def remove(self) -> None:
         remove_build_queue(self.url, self.sub_queue)
         shutil.rmtree(self.results, ignore_errors=True)
+
+
+def batch_run_id(batch: str) -> int | None:
+    """The pipeline_run id in a batch name (`<animal>-<stage>-<run>-<random>`), or None."""
+    parts = batch.rsplit("-", 2)
+    return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+
+
+def remove_ended_batches(data_root: Path, queue_url: str | None, running: Callable[[int], bool]) -> list[str]:
+    """Remove the results directories (and, on this fq:// queue, the sub-queues) of batches whose
+    run is no longer `running`. A SIGKILLed runner cannot remove its own (`Batch.remove` runs in
+    a `finally`); without this its directory stays under the data root for good, and workers keep
+    running its tasks for no one. Once the directory is gone they drop them unrun."""
+    try:
+        entries = sorted(e for e in queue_results_root(data_root).iterdir() if e.is_dir())
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        run_id = batch_run_id(entry.name)
+        if run_id is None or running(run_id):
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+        if queue_url and queue_url.startswith("fq://"):
+            builds = Path(queue_url[len("fq://"):]) / BUILDS_DIR
+            for sub in builds.glob(f"{entry.name}-*"):
+                remove_build_queue(f"{queue_url.rstrip('/')}/{BUILDS_DIR}/{sub.name}", f"{BUILDS_DIR}/{sub.name}")
+    return removed
 
 
 # ------------------------------------------------------------------------------------------

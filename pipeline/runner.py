@@ -354,6 +354,19 @@ class StageContext:
         finally:
             batch.remove()
 
+    def remove_ended_batches(self) -> None:
+        """Clear the queue batches of runs that ended without clearing them (SIGKILLed runners,
+        whose runs were marked failed when their lock was taken over)."""
+        from pipeline.queued import remove_ended_batches
+
+        def running(run_id: int) -> bool:
+            with self.session() as session:
+                run = session.get(PipelineRun, run_id)
+                return run is not None and run.status == "running"
+
+        for name in remove_ended_batches(self.layout.data_root, self.settings.queue_url, running):
+            log.info("removed the queue results of an ended run: %s", name)
+
     def _record_failure(self, failure: TaskFailure) -> None:
         self.failures.append(failure)
         self.counts["tasks_failed"] += 1

@@ -163,8 +163,9 @@ def start_from(step: Step, tmp_path: Path, db_url: str) -> Path:
 # what the files and rows must look like
 
 
-VOLATILE_JSON_KEYS = {"date", "seconds"}
-"""In a precomputed layer's `provenance`: when it was published and how long it took."""
+VOLATILE_JSON_KEYS = {"date", "seconds", "queue"}
+"""In a precomputed layer's `provenance`: when it was published, how long it took, and which
+(randomly named) sub-queue ran igneous's tasks when it ran on a queue."""
 
 
 def _without(value, keys):
@@ -449,3 +450,89 @@ def test_database_unreachable_mid_run(reference, tmp_path, _mysql_server):
     finally:
         proxy.close()
         _drop_database(_mysql_server, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the same on the task queue: the runner waits, `create_pipeline worker`s run the tasks
+
+QUEUE_LEASE = 2
+"""Seconds before a task of a killed worker is given to the next one (the worker's --lease-seconds)."""
+
+
+def start_worker(queue_url: str, root: Path, log: Path) -> subprocess.Popen:
+    with open(log, "a") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--queue", queue_url, "--data-root", str(root),
+                                 "--lease-seconds", str(QUEUE_LEASE)], env=cli_env(), start_new_session=True,
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+def killpg(proc: subprocess.Popen) -> bool:
+    """SIGKILL a process and its group; True when it was still running."""
+    running = proc.poll() is None
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return running
+
+
+@pytest.mark.parametrize("stage", ["neuroglancer"])
+def test_queue_worker_and_runner_killed_at_seeded_points_then_rerun(reference, stage, sqlite_url, tmp_path):
+    """Points 0 and 1 SIGKILL the worker mid-stage (the next worker redoes its task after the
+    lease), point 2 the runner and the worker; a rerun with a new worker completes. A point is
+    a drawn number of rows the runner recorded, then a drawn delay up to 1 s."""
+    step = reference[(stage, True)]
+    root = start_from(step, tmp_path, sqlite_url)
+    queue = f"fq://{tmp_path / 'queue'}"
+    rng = random.Random(f"{SEED}:queue:{stage}")
+    engine = create_engine(sqlite_url)
+    procs: list[subprocess.Popen] = []
+    try:
+        with open(tmp_path / "runner.log", "w") as out:
+            runner = subprocess.Popen([*cli_args(root, sqlite_url, stage, True), "--queue", queue], env=cli_env(),
+                                      start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        procs.append(runner)
+        worker = start_worker(queue, root, tmp_path / "workers.log")
+        procs.append(worker)
+        run = None
+        while run is None and runner.poll() is None:
+            run = _newest_run(engine, step, 0)
+            time.sleep(0.005)
+        assert run is not None, (tmp_path / "runner.log").read_text()
+        hits = []
+        thresholds = sorted(rng.sample(range(step.rows - 1), 3))  # rows recorded before each kill
+        for point, threshold in enumerate(thresholds):
+            while runner.poll() is None and _recorded(engine, run.id) < threshold:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, 0.3))
+            hits.append(_recorded(engine, run.id) < step.rows and killpg(worker))  # killed with work left
+            if point == 2:
+                killpg(worker)
+                hits[-1] = killpg(runner) and hits[-1]
+            else:
+                killpg(worker)
+                worker = start_worker(queue, root, tmp_path / "workers.log")
+                procs.append(worker)
+            print(f"queue {stage}: point {point}: after {threshold} rows: {'killed' if hits[-1] else 'no work left'} with "
+                  f"{_recorded(engine, run.id)} rows recorded")
+        assert hits[0], "the first point came after the stage's work"
+        assert rows_not_matching_disk(sqlite_url, root, set(), run.id) == []
+
+        worker = start_worker(queue, root, tmp_path / "workers.log")
+        procs.append(worker)
+        rerun = subprocess.run([*cli_args(root, sqlite_url, stage, True), "--queue", queue], env=cli_env(),
+                               capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        killpg(worker)
+        assert temp_files(root) == []
+        removed = removed_paths(step.after / "data", sqlite_of(step.after))
+        assert rows_not_matching_disk(sqlite_url, root, removed) == []
+        got, expected = tree_digest(root), tree_digest(step.after / "data")
+        assert sorted(set(got) ^ set(expected)) == []  # e.g. no result files of the killed run's batch
+        assert [p for p in expected if got[p] != expected[p]] == []
+        if hits[2]:
+            state, error = run_status(engine, run.id)
+            assert state == "failed" and "taken over" in error, error
+    finally:
+        for proc in procs:
+            killpg(proc)
+        engine.dispose()
