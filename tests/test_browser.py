@@ -12,6 +12,8 @@ What is asserted, on pixels only:
   link, draws the section with the generated (data-derived) window: correlation > 0.99 and a mean
   difference under 1.5 grey levels against the windowed source, no "Disconnected" notice; with
   the offline script blocked, the notice does appear (so the script is what silences it);
+- the stack with its left half zero in (32, 32, 1) chunks, whose all-zero chunks have no file
+  (Apache answers 404): drawn exactly, the zeros as zeros, not as the panel's grey background;
 - the same stack published `--sharded` (.shard files read in byte ranges): drawn exactly through
   `neuroglancer.Viewer`, and by the offline client, from Apache;
 - the exact-pixel render and the offline client also with the built-in fallback server
@@ -61,7 +63,21 @@ def published_sharded():
         yield root, volume
 
 
-def _publish(root: Path, sharded: bool = False):
+@pytest.fixture(scope="module")
+def published_background():
+    """The stack with its left half zero (as after masking), in (32, 32, 1) chunks: the all-zero
+    chunks have no file, so Apache answers 404 for them."""
+    require_chromium()
+    require_apache()
+    with servable_dir() as served:
+        root, volume = _publish(served / "data", chunk_size=(32, 32, 1), background_columns=WIDTH // 2)
+        layer = AnimalLayout(root, ANIMAL).precomputed_layer(1, downsample=False)
+        key = sorted(p for p in layer.iterdir() if p.is_dir())[0]
+        assert len(list(key.glob("*.gz"))) == DEPTH * 3 * 2, "only the chunks of the right half are written"
+        yield root, volume
+
+
+def _publish(root: Path, sharded: bool = False, chunk_size=None, background_columns: int = 0):
     import tifffile
 
     from pipeline.publish.precomputed import publish_stack
@@ -69,12 +85,15 @@ def _publish(root: Path, sharded: bool = False):
     sources = root / "aligned"
     sources.mkdir(parents=True)
     sections = [asymmetric_section(HEIGHT, WIDTH, seed=z) for z in range(DEPTH)]
+    for section in sections:
+        section[:, :background_columns] = 0
     paths = []
     for z, section in enumerate(sections):
         paths.append(sources / f"{z:03d}.tif")
         tifffile.imwrite(paths[-1], section)
     layer = AnimalLayout(root, ANIMAL).precomputed_layer(1, downsample=False)
-    publish_stack(paths, layer, xy_um=0.325, z_um=20.0, sharded=sharded)
+    publish_stack(paths, layer, xy_um=0.325, z_um=20.0, sharded=sharded,
+                  **({"chunk_size": chunk_size} if chunk_size else {}))
     assert sharded or any(layer.rglob("*.gz")), "the writer is expected to store gzip chunks"
     return root, np.stack(sections)
 
@@ -127,6 +146,23 @@ def test_python_viewer_draws_the_sharded_layer_exactly(published_sharded, driver
     assert abs((y + HEIGHT / 2) - SIZE[1] / 2) <= 1 and abs((x + WIDTH / 2) - SIZE[0] / 2) <= 1
     for other in set(range(DEPTH)) - {SHOWN}:
         assert not np.array_equal(shot[y:y + HEIGHT, x:x + WIDTH, 0], volume[other])
+
+
+@pytest.mark.apache
+def test_python_viewer_draws_a_layer_without_its_background_chunks_exactly(published_background, driver):
+    """Chunks that are all zero are not written (delete_black_uploads); Apache answers 404 for
+    them and Neuroglancer draws them as zeros: the section, half of it zero, is drawn exactly."""
+    root, volume = published_background
+    shot = python_viewer_render(driver, root, timeout=120)
+    assert shot is not None, "Neuroglancer did not finish loading (a 404 chunk must count as loaded)"
+    score, (y, x) = best_match(shot[..., 0], volume[SHOWN])
+    assert score > 0.999
+    assert np.array_equal(shot[y:y + HEIGHT, x:x + WIDTH, 0], volume[SHOWN])
+    assert not volume[SHOWN][:, :WIDTH // 2].any() and volume[SHOWN][:, WIDTH // 2:].all()
+    # outside the volume the panel shows its own background: a zero drawn is not a chunk left out
+    # (a chunk left undrawn would show it, grey 128, not the zeros asserted above)
+    assert shot[y + HEIGHT // 2, x - 2, 0] == shot[0, 0, 0] == 128
+    assert abs((y + HEIGHT / 2) - SIZE[1] / 2) <= 1 and abs((x + WIDTH / 2) - SIZE[0] / 2) <= 1
 
 
 @pytest.mark.apache
@@ -237,7 +273,7 @@ def _published_section(root: Path) -> np.ndarray:
     from cloudvolume import CloudVolume
 
     layer = AnimalLayout(root, ANIMAL).precomputed_layer(1, downsample=False)
-    cv = CloudVolume(f"file://{layer}", mip=0, progress=False)
+    cv = CloudVolume(f"file://{layer}", mip=0, progress=False, fill_missing=True)
     return np.asarray(cv[0:WIDTH, 0:HEIGHT, SHOWN:SHOWN + 1])[..., 0, 0].T
 
 

@@ -746,3 +746,98 @@ def test_published_chunks_are_gzipped_at_slidepipes_level_in_igneous_processes(t
             assert data == original(raw, 1) != original(raw, 9), path
             checked += 1
     assert checked >= 10
+
+
+# --------------------------------------------------------------------------------------------
+# background chunks (all zero after masking) are not written (issue 8.1, item 3)
+def _masked_stack(folder: Path) -> list[Path]:
+    """6 uint16 sections 200 x 150: tissue (random) at x >= 128, a faint column x 96..127 (a 1 at
+    every even x and y: its 2x2 truncated mean is 0), zeros elsewhere; sections 4 and 5 blank."""
+    rng = np.random.default_rng(3)
+    folder.mkdir(parents=True)
+    paths = []
+    for z in range(6):
+        section = np.zeros((150, 200), np.uint16)
+        if z < 4:
+            section[:, 128:] = rng.integers(1, 60000, (150, 72), dtype=np.uint16)
+            section[::2, 96:128:2] = 1
+        paths.append(folder / f"{z:03d}.tif")
+        tifffile.imwrite(paths[-1], section)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("masked")
+    sections = _masked_stack(tmp / "aligned")
+    dest = tmp / "C1T"
+    result = pc.publish_stack(sections, dest, 5, 20, chunk_size=(32, 32, 2), sample=None)
+    return {"sections": sections, "dest": dest, "result": result}
+
+
+def test_background_chunks_are_not_written_and_read_as_zeros(masked):
+    """All-zero chunks have no file (cloud-volume's delete_black_uploads), at mip 0 and above;
+    a level-1 chunk over faint voxels whose truncated mean is 0 has none either, while the mip-0
+    chunk under it has one. cloud-volume with fill_missing reads every level back as the stack
+    and the truncated means."""
+    from cloudvolume import CloudVolume
+
+    dest, result = masked["dest"], masked["result"]
+    info = json.loads((dest / "info").read_text())
+    key0, key1 = info["scales"][0]["key"], info["scales"][1]["key"]
+    assert [m["background_chunks"] > 0 for m in result["mips"]] == [True] * len(result["mips"])
+    for m in result["mips"]:
+        assert m["files"] == m["chunks"] == m["expected_chunks"] - m["background_chunks"]
+    assert not (dest / key0 / "0-32_0-32_0-2.gz").exists() and not (dest / key0 / "128-160_0-32_4-6.gz").exists()
+    assert (dest / key0 / "96-128_0-32_0-2.gz").exists() and (dest / key0 / "128-160_0-32_0-2.gz").exists()
+    assert not (dest / key1 / "32-64_0-32_0-2.gz").exists(), "the faint column averages to 0 at mip 1"
+    want = stack_xyzc(masked["sections"])
+    levels = []
+    for mip in range(len(info["scales"])):
+        vol = CloudVolume(pc.file_url(dest), mip=mip, progress=False, fill_missing=True)
+        levels.append(np.asarray(vol[vol.bounds]))
+    assert np.array_equal(levels[0][:200, :150, :6], want) and not levels[0][200:, 150:].any()
+    assert np.array_equal(levels[1], floor_mean(levels[0], (2, 2, 1)))
+    assert not levels[1][:64].any() and levels[0][96:128].any()
+
+
+def test_verification_accepts_a_missing_chunk_only_where_the_source_is_zero(masked, tmp_path):
+    info = json.loads((masked["dest"] / "info").read_text())
+    key0, key1 = info["scales"][0]["key"], info["scales"][1]["key"]
+    report = verify_layer(masked["dest"], masked["sections"], sample=None)
+    assert report["mips"][0]["background_chunks"] == masked["result"]["mips"][0]["background_chunks"]
+    for victim, why in ((f"{key0}/96-128_32-64_2-4.gz", "is missing, but the sections hold 512 non-zero values"),
+                        (f"{key0}/160-192_64-96_0-2.gz", "is missing, but the sections hold 2048 non-zero values"),
+                        (f"{key1}/64-96_0-32_0-2.gz", "is missing, but the mean of mip 0 under it has")):
+        copy = tmp_path / victim.replace("/", "_")
+        shutil.copytree(masked["dest"], copy)
+        (copy / victim).unlink()
+        with pytest.raises(LayerVerificationError, match=victim.split("/")[1].removesuffix(".gz") + ".*" + why):
+            verify_layer(copy, masked["sections"], sample=None)
+    # and a background chunk that is missing is what a complete layer looks like: it passes
+    assert not (masked["dest"] / key0 / "0-32_32-64_0-2.gz").exists()
+
+
+def test_slab_wise_publishing_with_background_chunks_gives_the_same_files(masked, tmp_path):
+    dest = tmp_path / "C1T"
+    pc.publish_stack(masked["sections"], dest, 5, 20, chunk_size=(32, 32, 2), sample=None, slab_depth=2)
+    assert _decoded_files(dest) == _decoded_files(masked["dest"])
+
+
+@pytest.mark.apache
+def test_tensorstore_reads_a_layer_with_background_chunks_over_http_as_zeros(masked):
+    """Apache answers 404 for a chunk that has no file; tensorstore's neuroglancer_precomputed
+    driver reads that as the fill value 0: every level equals what cloud-volume decodes."""
+    import tensorstore as ts
+
+    layer = masked["dest"]
+    count = len(masked["result"]["mips"])
+    with _served(layer) as url:
+        got = [np.asarray(ts.open({"driver": "neuroglancer_precomputed", "kvstore": {"driver": "http", "base_url": url},
+                                   "scale_index": m}).result().read().result()) for m in range(count)]
+    want = stack_xyzc(masked["sections"])
+    assert np.array_equal(got[0][:200, :150, :6], want) and want.any()
+    for m in range(1, count):
+        base = next(r["from_mip"] for r in masked["result"]["rounds"] if m in r["mips"])
+        f = 2 ** (m - base)
+        assert np.array_equal(got[m], floor_mean(got[base], (f, f, 1))), f"mip {m} = mean of mip {base}"

@@ -178,7 +178,7 @@ def test_a_hand_edited_mask_stays_with_its_section_when_sections_are_deactivated
     assert done.returncode == 0, done.stderr
     from cloudvolume import CloudVolume
 
-    volume = CloudVolume("file://" + str(layout.precomputed_layer(1, True)), progress=False)
+    volume = CloudVolume("file://" + str(layout.precomputed_layer(1, True)), progress=False, fill_missing=True)
     data = np.asarray(volume[volume.bounds])[..., 0]
     for z, name in enumerate(reordered):
         section = read(layout.aligned(1, True, name))

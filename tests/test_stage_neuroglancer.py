@@ -72,7 +72,7 @@ def stack_of(paths) -> np.ndarray:
 def read_mip0(layer) -> np.ndarray:
     from cloudvolume import CloudVolume
 
-    vol = CloudVolume("file://" + str(layer), progress=False)
+    vol = CloudVolume("file://" + str(layer), progress=False, fill_missing=True)  # background chunks have no file
     return np.asarray(vol[vol.bounds])[..., 0]
 
 

@@ -82,7 +82,12 @@ class SectionRows:
         self.dtype = np.dtype(scene.dtype)
 
     def rows(self, y0: int, y1: int) -> np.ndarray:
-        data = self._reader.read_region(0, 1, 0, y0, self.width, y1 - y0)
+        return self.window(y0, y1, 0, self.width)
+
+    def window(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Rows y0..y1-1, columns x0..x1-1: only the tiles it touches are decoded (a verifier's
+        chunk of a 60k-wide section does not read the whole row band)."""
+        data = self._reader.read_region(0, 1, x0, y0, x1 - x0, y1 - y0)
         return data[:, :, None] if data.ndim == 2 else data
 
 

@@ -329,6 +329,11 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
     needs it, see `block_mean_floor`). With a queue, the build's tasks go to a sub-queue of its
     own (`build_queue`, its name in the result's `queue`), removed when the build ends.
 
+    Chunks that are all zero (background after masking, the padding) are not written
+    (`delete_black_uploads`); the downsampling rounds read them as zeros (`fill_missing`, on the
+    published layer only: the transfer still reads the step-1 layer without it, where a missing
+    chunk is an error). `verify_layer` accepts a missing chunk only where its source is zero.
+
     `z_range` (z0, z1): one z-slab only, into an existing (partial) `dest_dir`: mip 0 and the
     `slab_levels` of the sections z0..z1-1 (z0 a multiple of the chunk z). igneous's task grid
     starts at the bounds, so these are exactly the tasks of a whole build that cover the slab.
@@ -371,7 +376,7 @@ def _transfer_and_downsample(src_url, dest_url, dest_dir: Path, plan, runs, chun
         tasks = list(tc.create_transfer_tasks(
             src_url, dest_url, chunk_size=list(chunk), shape=shape, compress="gzip", encoding="raw",
             skip_downsamples=in_transfer == 0, factor=(2, 2, 1), fill_missing=False, no_src_update=True,
-            bounds=bounds,
+            bounds=bounds, delete_black_uploads=True, background_color=0,
         ))
     count = run_tasks(tasks, workers=workers, queue_url=queue_url)
     made = _scale_count(dest_dir) - 1
@@ -382,7 +387,8 @@ def _transfer_and_downsample(src_url, dest_url, dest_dir: Path, plan, runs, chun
         dest_dir, runs, made, "downsample", workers, queue_url,
         lambda mip, wanted, factor: tc.create_downsampling_tasks(
             dest_url, mip=mip, num_mips=wanted, factor=factor, compress="gzip",
-            fill_missing=False, preserve_chunk_size=True, memory_target=memory_target, bounds=bounds,
+            fill_missing=True, preserve_chunk_size=True, memory_target=memory_target, bounds=bounds,
+            delete_black_uploads=True, background_color=0,
         ))
     if bounds is not None:
         return {"rounds": rounds, "levels": _scale_count(dest_dir) - 1,
@@ -751,7 +757,8 @@ def finish_slab_build(src_dir: str | Path, partial_dir: str | Path, dest_dir: st
             partial_dir, runs, levels, "downsample", workers, queue_url,
             lambda mip, wanted, factor: tc.create_downsampling_tasks(
                 dest_url, mip=mip, num_mips=wanted, factor=factor, compress="gzip",
-                fill_missing=False, preserve_chunk_size=True, memory_target=memory_target,
+                fill_missing=True, preserve_chunk_size=True, memory_target=memory_target,
+                delete_black_uploads=True, background_color=0,
             ))
     finally:
         remove_build_queue(queue_url, queue_name)

@@ -121,8 +121,9 @@ def mip_manifest(layer_dir: str | Path, mip: int, info: dict | None = None, chun
     }
 
 
-def read_chunk(layer_dir: str | Path, info: dict, mip: int, chunk: Chunk) -> np.ndarray:
-    """Decode one chunk file to (x, y, z, channel); raises if missing, truncated or not decodable."""
+def read_chunk(layer_dir: str | Path, info: dict, mip: int, chunk: Chunk, missing_zero: bool = False) -> np.ndarray:
+    """Decode one chunk file to (x, y, z, channel); raises if missing (zeros with `missing_zero`:
+    a background chunk, which the writer does not store), truncated or not decodable."""
     scale = info["scales"][mip]
     if scale.get("encoding", "raw") != "raw":
         raise SlidepipeError(f"only raw encoding is verified, mip {mip} is {scale.get('encoding')}")
@@ -142,6 +143,8 @@ def read_chunk(layer_dir: str | Path, info: dict, mip: int, chunk: Chunk) -> np.
             raise SlidepipeError(f"not a valid gzip file: {exc}", path) from None
     elif base.is_file():
         path, data = base, base.read_bytes()
+    elif missing_zero:
+        return np.zeros((*chunk.shape, int(info["num_channels"])), dtype=info["data_type"])
     else:
         raise SlidepipeError("chunk file is missing", path)
     dtype = np.dtype(info["data_type"]).newbyteorder("<")
@@ -179,8 +182,10 @@ def _cached_minishard(path: str, stamp: tuple, spec: str, minishard: int) -> dic
     return minishard_index(Path(path), json.loads(spec), minishard)
 
 
-def read_region(layer_dir: str | Path, info: dict, mip: int, start: Sequence[int], stop: Sequence[int]) -> np.ndarray:
-    """Voxels [start, stop) of one mip, assembled from decoded chunk files."""
+def read_region(layer_dir: str | Path, info: dict, mip: int, start: Sequence[int], stop: Sequence[int],
+                missing_zero: bool = False) -> np.ndarray:
+    """Voxels [start, stop) of one mip, assembled from decoded chunk files (`missing_zero`: a
+    missing unsharded chunk file reads as zeros, as readers with fill_missing do)."""
     scale = info["scales"][mip]
     chunk = scale["chunk_sizes"][0]
     offset = scale.get("voxel_offset", [0, 0, 0])
@@ -194,7 +199,7 @@ def read_region(layer_dir: str | Path, info: dict, mip: int, start: Sequence[int
             for gx in grid[0]:
                 lo = [o + g * c for o, g, c in zip(offset, (gx, gy, gz), chunk)]
                 hi = [min(l + c, o + n) for l, c, o, n in zip(lo, chunk, offset, size)]
-                data = read_chunk(layer_dir, info, mip, Chunk(tuple(lo), tuple(hi)))
+                data = read_chunk(layer_dir, info, mip, Chunk(tuple(lo), tuple(hi)), missing_zero)
                 a = [max(l, s) for l, s in zip(lo, start)]
                 b = [min(h, e) for h, e in zip(hi, stop)]
                 out[a[0] - start[0]:b[0] - start[0], a[1] - start[1]:b[1] - start[1], a[2] - start[2]:b[2] - start[2]] = \
@@ -244,7 +249,7 @@ def read_sections(sections: SectionCache, start: Sequence[int], stop: Sequence[i
         x1 = min(stop[0], section.width)
         if start[1] >= y1 or start[0] >= x1:
             continue
-        rows = section.rows(start[1], y1)[:, start[0]:x1, :]
+        rows = section.window(start[1], y1, start[0], x1)
         out[: x1 - start[0], : y1 - start[1], z - start[2], :] = rows.transpose(1, 0, 2)
     return out
 
@@ -289,7 +294,7 @@ def check_chunk(layer_dir, info: dict, mip: int, chunk: Chunk, sections: Section
     lo = [s * f for s, f in zip(chunk.start, factor)]
     hi = [s * f for s, f in zip(chunk.stop, factor)]
     try:
-        source = read_region(layer_dir, info, base, lo, hi)
+        source = read_region(layer_dir, info, base, lo, hi, missing_zero=True)  # missing ones: checked at their level
     except SlidepipeError as exc:
         return f"cannot read mip {base} under it: {exc}"
     want = block_mean_floor(source, factor)
@@ -392,17 +397,47 @@ def _verify_mip(layer_dir: Path, info: dict, mip: int, scale: dict, cache: Secti
         return
     files = _listing(layer_dir / scale["key"]) if z_range is None else _sizes(layer_dir / scale["key"], chunks)
     present = []
+    background = 0
     for chunk in chunks:
         size = files.get(chunk.name + ".gz", files.get(chunk.name))
         if size is None:
-            problems.append(f"mip {mip}: chunk {scale['key']}/{chunk.name} is missing")
+            # Not written because it is all zero (delete_black_uploads): only where its source is.
+            reason = _not_background(layer_dir, info, mip, chunk, cache, rounds)
+            if reason:
+                problems.append(f"mip {mip}: chunk {scale['key']}/{chunk.name} is missing, {reason}")
+            else:
+                background += 1
         elif size == 0:
             problems.append(f"mip {mip}: chunk {scale['key']}/{chunk.name} is empty")
         else:
             present.append(chunk)
     _check_sample(layer_dir, info, mip, scale, present, cache, rounds, sample, rng, problems, checked)
     if z_range is None:  # a slab's check does not list the whole level
-        manifests.append({**mip_manifest(layer_dir, mip, info), "expected_chunks": len(chunks)})
+        manifests.append({**mip_manifest(layer_dir, mip, info), "expected_chunks": len(chunks),
+                          "background_chunks": background})
+
+
+def _not_background(layer_dir: Path, info: dict, mip: int, chunk: Chunk, sections: SectionCache,
+                    rounds: Sequence[dict] | None) -> str | None:
+    """None when a chunk that has no file would hold only zeros, else why it must exist: at mip 0
+    the sections there, above it the truncated mean of the level its round read (which can be
+    zero over a few faint voxels) must be zero everywhere. Every missing chunk is checked, not a
+    sample: a dropped data chunk would otherwise be read as black by every viewer."""
+    dtype, channels = info["data_type"], int(info["num_channels"])
+    if mip == 0:
+        source = read_sections(sections, chunk.start, chunk.stop, dtype, channels)
+        nonzero = int(np.count_nonzero(source))
+        return f"but the sections hold {nonzero} non-zero values there" if nonzero else None
+    base = _base_of(mip, rounds) if rounds is not None else mip - 1
+    factor = _factor_between(info, base, mip)
+    lo = [s * f for s, f in zip(chunk.start, factor)]
+    hi = [s * f for s, f in zip(chunk.stop, factor)]
+    try:
+        want = block_mean_floor(read_region(layer_dir, info, base, lo, hi, missing_zero=True), factor)
+    except SlidepipeError as exc:
+        return f"and mip {base} under it cannot be read: {exc}"
+    nonzero = int(np.count_nonzero(want))
+    return f"but the mean of mip {base} under it has {nonzero} non-zero values" if nonzero else None
 
 
 def _check_sample(layer_dir: Path, info: dict, mip: int, scale: dict, present: list[Chunk], cache: SectionCache,
