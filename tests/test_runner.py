@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from db.models import FileLog, PipelineRun
+from db.queries import current_file
 from db.session import init_db, session_scope
 from pipeline.atomic import atomic_path
 from pipeline.config import Settings
@@ -119,6 +120,25 @@ def test_deleted_or_modified_output_is_redone(tmp_path, db_url):
     ctx2 = make_ctx(tmp_path, db_url)
     ctx2.execute(tasks_for(ctx2, srcs))
     assert ctx2.counts["tasks_run"] == 2
+
+
+def test_output_rewritten_with_the_same_bytes_is_still_done(tmp_path, db_url):
+    """A queue task done twice (its lease ran out while it still ran) renames the same bytes over
+    the recorded output later: the task stays done, and the record takes the new mtime."""
+    srcs = inputs(tmp_path, 2)
+    ctx = make_ctx(tmp_path, db_url)
+    ctx.execute(tasks_for(ctx, srcs))
+    same, changed = ctx.layout.root / "out" / "0.txt", ctx.layout.root / "out" / "1.txt"
+    same.write_bytes(same.read_bytes())
+    os.utime(same, ns=(same.stat().st_atime_ns, same.stat().st_mtime_ns + 10**9))
+    changed.write_text(changed.read_text().upper())
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    ctx2 = make_ctx(tmp_path, db_url)
+    ctx2.execute(tasks_for(ctx2, srcs))
+    assert (ctx2.counts["tasks_skipped"], ctx2.counts["tasks_run"]) == (1, 1)
+    with session_scope(ctx2.engine) as s:
+        row = current_file(s, ctx2.layout.relative(same))
+        assert row.mtime_ns == same.stat().st_mtime_ns
 
 
 @pytest.mark.parametrize("workers", [1, 2])
