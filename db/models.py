@@ -225,6 +225,9 @@ class SlideCziToTif(Base):
     checksum: Mapped[str | None] = mapped_column(String(64))
     processing_duration: Mapped[float | None] = mapped_column(Float)
     """Seconds spent extracting this TIFF."""
+    mirrored: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("0"), nullable=False)
+    """The user's word that the section is mounted face down (channel-1 row; `--task align --section S
+    --mirrored true`): align mirrors it left-right before registering and in its output. Revision 0006."""
     active: Mapped[bool] = _active()
     comments: Mapped[str | None] = _comments()
     created: Mapped[datetime] = _created()

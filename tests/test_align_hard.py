@@ -6,15 +6,19 @@ What is asserted is what the stage reaches (docs/processing.md, "Alignment on ha
 --detect-flips names exactly the mirrored sections; every other section is placed better than
 unaligned, and <= 1 thumbnail px RMS over them. Not asserted, because it does not hold (printed):
 every pair's rotation within 1 degree (measured: the first section's two pairs 3.2-3.4 degrees
-off as solved, 21->23 1.01). Mirrored sections are left out of the accuracy: no rigid transform
-can place a section mounted face down, and align never mirrors one (it names them)."""
+off as solved, 21->23 1.01). Mirrored sections are left out of the first accuracy test: no rigid
+transform can place a section mounted face down, and align never mirrors one on its own (it names
+them, with the command that mirrors each); the second test runs those commands and then measures
+every section."""
 
 from __future__ import annotations
 
 import json
+import shlex
 
 import pytest
 
+from pipeline.layout import AnimalLayout
 from pipeline.sample import SampleTruth, build_sample
 from tests.helpers_truth import alignment_errors, rms, truth_keys
 from tests.test_stages_clean_align import cli, last_run
@@ -57,3 +61,39 @@ def test_the_hard_sample_is_aligned_within_a_pixel_and_its_mirrored_sections_are
     assert final <= 1.0
     reference = errors["reference"]
     assert all(s["error_px"] < s["unaligned_px"] for s in good if s["position"] != reference)
+
+
+def test_the_reported_flips_once_applied_align_the_mirrored_sections_too(hard_processed):
+    """The user runs the commands --detect-flips printed: only the pairs involving a mirrored
+    section are registered again, and then every section, the mirrored ones included, is placed
+    within 1 px RMS and better than unaligned; the mirror check then names nothing."""
+    root, db_url = hard_processed
+    truth = SampleTruth.load(root, "DEMO")
+    names = truth_keys(truth)
+    check = json.loads(last_run(db_url, "align").summary)["mirror_check"]
+    commands = check["commands"]
+    assert sorted(commands) == sorted(check["looks_mirrored"]) and commands
+    mirrored = {names.index(n) for n in commands}
+    layout = AnimalLayout(root, "DEMO")
+    pairs = [(i - step, i, step) for i in range(1, len(names)) for step in (1, 2) if i >= step]
+    stamp = {p: layout.pairwise_transform(names[p[1]], p[2]).stat().st_mtime_ns for p in pairs}
+    for name, command in commands.items():
+        words = shlex.split(command)
+        assert words[:5] == ["create_pipeline", "--animal", "DEMO", "--task", "align"]
+        assert words[5:] == ["--section", name, "--mirrored", "true"]
+        assert cli(root, db_url, "align", *words[5:]) == 0
+    redone = {p[:2] for p in pairs if layout.pairwise_transform(names[p[1]], p[2]).stat().st_mtime_ns != stamp[p]}
+    assert redone == {p[:2] for p in pairs if {p[0], p[1]} & mirrored}
+
+    errors = alignment_errors(root)
+    reference = errors["reference"]
+    others = [s for s in errors["sections"] if s["position"] != reference]
+    final = rms(s["error_px"] for s in others)
+    print(f"hard sample with the reported flips applied ({sorted(mirrored)}): final RMS {final:.2f} px over "
+          f"{len(others)} sections (worst {max(s['error_px'] for s in others):.2f}); mirrored sections "
+          + ", ".join(f"{s['position']}: {s['error_px']:.2f} px (unaligned {s['unaligned_px']:.1f})"
+                      for s in errors["sections"] if s["mirrored"]))
+    assert final <= 1.0
+    assert all(s["error_px"] < s["unaligned_px"] for s in others)
+    assert cli(root, db_url, "align", "--detect-flips") == 0
+    assert json.loads(last_run(db_url, "align").summary)["mirror_check"]["looks_mirrored"] == []

@@ -25,6 +25,12 @@ section's key `<slide>_S<scene>`, or its position now) stores a manual row (thum
 rotation in degrees on the command line, radians in the table): the transform of section S onto
 its previous neighbour, held exactly by the pose solve in place of S's own registrations;
 `--section S --clear-manual` removes it.
+
+Mirrored sections: `--task align --section S --mirrored true` records (slide_czi_to_tif.mirrored)
+that S is mounted face down, as `--detect-flips` reports: S's cleaned thumbnail is mirrored
+left-right about the canvas centre before every registration, centroid and mirror check, and
+its composed matrix mirrors too (one resampling, every channel and resolution). Only the pairs
+involving S carry the flag in their fingerprint, so only they, compose and the changed warps re-run.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ PER_CHANNEL = True
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
+    from pipeline.stages.common import _bool
+
     group.add_argument("--section", default=None,
                        help="align: the section of a manual transform: its key <slide>_S<scene> (as in the file "
                             "names), or its position in the stack (0-based)")
@@ -57,6 +65,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--yshift", type=float, default=None, help="align: manual y shift, thumbnail pixels")
     group.add_argument("--clear-manual", action="store_true", default=None,
                        help="align: remove the manual transform of --section")
+    group.add_argument("--mirrored", type=_bool, default=None, metavar="true|false",
+                       help="align: --section is mounted face down (true: mirror it before registering and in the "
+                            "output; false: undo)")
     group.add_argument("--detect-flips", action="store_true", default=None,
                        help="align: report sections that look mounted face down (mirrored); never applied")
     group.add_argument("--registration", choices=["auto", "elastix", "simpleitk"], default="auto",
@@ -64,12 +75,25 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
 
 
 # ---------------------------------------------------------------------------- worker functions
-def register_task(fixed: str, moving: str, output: str, fixed_section: str, moving_section: str,
-                  backend: str, threads: int | None = None) -> dict:
-    from pipeline.imaging.register import register_pair
+def read_section(path: str, mirrored: bool = False) -> np.ndarray:
+    """A cleaned thumbnail as align sees it: mirrored left-right (x -> width - 1 - x, about the
+    canvas centre, `MIRROR_X`) when the user said the section is mounted face down."""
     from pipeline.stages.section_files import read_image
 
-    fixed_image, moving_image = read_image(fixed), read_image(moving)
+    image = read_image(path)
+    return np.ascontiguousarray(image[:, ::-1]) if mirrored else image
+
+
+def mirror_matrix(canvas) -> np.ndarray:
+    """x -> width - 1 - x on (x, y, 1): what `read_section(mirrored=True)` does, as a matrix."""
+    return np.array([[-1.0, 0.0, canvas[1] - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def register_task(fixed: str, moving: str, output: str, fixed_section: str, moving_section: str,
+                  backend: str, threads: int | None = None, mirror: list[bool] = (False, False)) -> dict:
+    from pipeline.imaging.register import register_pair
+
+    fixed_image, moving_image = read_section(fixed, mirror[0]), read_section(moving, mirror[1])
     if fixed_image.shape != moving_image.shape:
         raise SlidepipeError(f"cleaned thumbnails differ in size ({fixed_image.shape} vs {moving_image.shape}): "
                              "re-run clean for the whole channel", moving)
@@ -84,7 +108,7 @@ def register_task(fixed: str, moving: str, output: str, fixed_section: str, movi
 
 
 def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str], reference: str,
-                 canvas: list[int], outputs: dict[str, str]) -> dict:
+                 canvas: list[int], outputs: dict[str, str], mirrored: list[str] = ()) -> dict:
     """One pose per section onto the reference from all its pairs (`pose_graph.solve_poses`).
 
     sections: the available sections in stack order; pairs: {"fixed", "moving", "step", and
@@ -92,15 +116,15 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
     registered pair's hypotheses the one most consistent around the stack's triangles is used
     (`pose_graph.choose_hypotheses`; the result's `pairs[].hypothesis` says which). Each
     section's cleaned channel-1 thumbnail gives its tissue centroid, a weak anchor that keeps the
-    stack from wandering (measured best on the sample, docs/processing.md)."""
+    stack from wandering (measured best on the sample, docs/processing.md). The poses of the
+    `mirrored` sections are solved on their mirrored images; their composed matrix mirrors first."""
     from pipeline.imaging.pose_graph import Pair, anchor_of, choose_hypotheses, rms_radius, solve_poses
     from pipeline.imaging.qc import flag_sections, misfit
     from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
-    from pipeline.stages.section_files import read_image
 
     center = canvas_center(tuple(canvas))
     index = {name: i for i, name in enumerate(sections)}
-    images = {name: read_image(cleaned[name]) for name in sections}
+    images = {name: read_section(cleaned[name], name in mirrored) for name in sections}
     radius = rms_radius(images[reference], center)
     # every computed pair's hypotheses (register_pair(hypotheses=True)); the triangles choose
     measured, candidates = {}, {}
@@ -143,9 +167,11 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
     summary, disagreement = {}, {}
     for name, matrix in zip(sections, solution.poses):
         rotation, xshift, yshift = rigid_parameters(matrix, center)
+        flip = {"mirrored": True} if name in mirrored else {}
         payload = json.dumps({
             "section": name, "reference": reference, "canvas": list(canvas),
-            "matrix": [[float(v) for v in row] for row in matrix],
+            "matrix": [[float(v) for v in row] for row in (mirror_matrix(canvas) @ matrix if flip else matrix)],
+            **flip,
             "rotation": rotation, "xshift": xshift, "yshift": yshift,
             "pairwise_source": sources.get(name, "reference"), "method": "pose graph (k-1, k-2, hypotheses by triangles, centroid anchors and their trend)",
             "convention": "aligned(p) = cleaned(matrix @ p); p = (x, y, 1) thumbnail pixel centres of the canvas",
@@ -182,17 +208,18 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
             "pairs": residuals, "flags": flags, "relative": relative}
 
 
-def flips_task(pairs: list[list[str]], cleaned: dict[str, str], output: str) -> dict:
+def flips_task(pairs: list[list[str]], cleaned: dict[str, str], output: str, mirrored: list[str] = ()) -> dict:
     """Each pair's coarse rotation search, also over the mirrored moving section
     (`rotation_search.coarse_start(mirror=True)`, a few ms a pair, no Elastix); the sections the
-    pairs, taken together, say are mirrored (`qc.mirrored_sections`). Reported only."""
+    pairs, taken together, say are mirrored (`qc.mirrored_sections`). Reported only. The sections
+    the user already mirrors (`mirrored`) are judged as align uses them: mirrored."""
     from pipeline.imaging.qc import mirrored_sections
     from pipeline.imaging.rotation_search import coarse_start
-    from pipeline.stages.section_files import read_image
 
     names = list(cleaned)
     index = {name: i for i, name in enumerate(names)}
-    images = {name: read_image(path) for name, path in cleaned.items()}  # coarse_start makes them grey floats
+    # coarse_start makes them grey floats
+    images = {name: read_section(path, name in mirrored) for name, path in cleaned.items()}
     found = []
     for fixed, moving in pairs:
         start = coarse_start(images[fixed], images[moving], mirror=True)
@@ -246,10 +273,14 @@ def run(ctx: StageContext) -> None:
     from pipeline.stages.section_files import list_sections, usable
 
     sections = list_sections(ctx, channel=1)
-    if ctx.params.get("section") is not None:
+    if ctx.params.get("section") is not None and ctx.params.get("mirrored") is not None:
+        if any(ctx.params.get(k) is not None for k in ("rotation", "xshift", "yshift", "clear_manual")):
+            raise SlidepipeError("--mirrored and a manual transform are given one at a time (two commands)")
+        sections = _store_mirrored(ctx, sections)
+    elif ctx.params.get("section") is not None:
         _store_manual(ctx, sections)
-    elif any(ctx.params.get(k) is not None for k in ("rotation", "xshift", "yshift", "clear_manual")):
-        raise SlidepipeError("--rotation/--xshift/--yshift/--clear-manual need --section S")
+    elif any(ctx.params.get(k) is not None for k in ("rotation", "xshift", "yshift", "clear_manual", "mirrored")):
+        raise SlidepipeError("--rotation/--xshift/--yshift/--clear-manual/--mirrored need --section S")
     backend = ctx.params.get("registration") or "auto"
     if backend == "auto":
         backend = "elastix" if elastix_available() else "simpleitk"
@@ -296,13 +327,16 @@ def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
     for step, fixed, moving in _neighbour_pairs(available):
         fixed_path, moving_path = ctx.layout.cleaned(1, True, fixed.name), ctx.layout.cleaned(1, True, moving.name)
         output = ctx.layout.pairwise_transform(moving.name, step)
+        mirror = [fixed.mirrored, moving.mirrored]
         tasks.append(Task(
             key=_pair_key(step, moving.name), func=register_task,
             kwargs={"fixed": str(fixed_path), "moving": str(moving_path), "output": str(output),
                     "fixed_section": fixed.name, "moving_section": moving.name, "backend": backend,
-                    "threads": threads},
+                    "threads": threads, "mirror": mirror},
             inputs=[fixed_path, moving_path], outputs=[output],
-            params={"fixed": fixed.name, "backend": backend, "settings": settings_hash, "hypotheses": True},
+            # the flag only where set: the pairs without a mirrored section keep their fingerprints
+            params={"fixed": fixed.name, "backend": backend, "settings": settings_hash, "hypotheses": True,
+                    **({"mirror": mirror} if any(mirror) else {})},
             label=str(moving_path)))
     results = ctx.execute(tasks, desc="register pairs")
     _record_pairs(ctx, available, results)
@@ -397,15 +431,17 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
     outputs = {s.name: str(ctx.layout.section_transform(s.name)) for s in available}
     cleaned = _cleaned_thumbnails(ctx, available)
     inputs = [Path(p["pairwise"]) for p in pairs if "pairwise" in p] + [Path(p) for p in cleaned.values()]
+    mirrored = [s.name for s in available if s.mirrored]
     task = Task(key="compose", func=compose_task,
                 kwargs={"sections": [s.name for s in available], "pairs": pairs, "cleaned": cleaned,
-                        "reference": reference, "canvas": canvas, "outputs": outputs},
+                        "reference": reference, "canvas": canvas, "outputs": outputs, "mirrored": mirrored},
                 inputs=inputs, outputs=[Path(p) for p in outputs.values()],
                 params={"pairs": [{k: v for k, v in p.items() if k != "pairwise"} for p in pairs],
                         "reference": reference, "canvas": canvas,
                         "method": "pose graph, centroid anchors and their trend, hypotheses by triangles",
                         "settings": choice_settings(),
-                        "qc": "qc.flag_sections: disagreement, misfit"},
+                        "qc": "qc.flag_sections: disagreement, misfit",
+                        **({"mirrored": mirrored} if mirrored else {})},
                 label=str(ctx.layout.transforms_dir))
     if missing:
         ctx.log.warning("align: %d registrations failed (see the errors above); the poses are solved from the others",
@@ -418,28 +454,36 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
 
 
 def _detect_flips(ctx: StageContext, available) -> None:
-    """--detect-flips: name the sections that look mirrored (warning, pipeline_run.summary). A
-    rigid transform cannot undo a mirror and whether one is wanted is the user's call: the scan
-    run's --flip/--flop, or re-mounting, are theirs."""
+    """--detect-flips: name the sections that look mirrored as align now uses them (warning,
+    pipeline_run.summary) with the command that mirrors each (or undoes a mirror the user set).
+    Never applied here: whether a section is face down is the user's call."""
     from pipeline.imaging.qc import MIRROR_PRIOR
 
     cleaned = _cleaned_thumbnails(ctx, available)
     pairs = [[fixed.name, moving.name] for _, fixed, moving in _neighbour_pairs(available)]
     output = ctx.layout.transforms_dir / "mirror_check.json"
-    done = ctx.execute([Task(key="flips", func=flips_task, kwargs={"pairs": pairs, "cleaned": cleaned, "output": str(output)},
+    applied = [s.name for s in available if s.mirrored]
+    done = ctx.execute([Task(key="flips", func=flips_task,
+                             kwargs={"pairs": pairs, "cleaned": cleaned, "output": str(output), "mirrored": applied},
                              inputs=[Path(p) for p in cleaned.values()], outputs=[output],
-                             params={"pairs": pairs, "rule": "parity", "prior": MIRROR_PRIOR},
+                             params={"pairs": pairs, "rule": "parity", "prior": MIRROR_PRIOR,
+                                     **({"mirrored": applied} if applied else {})},
                              label=str(ctx.layout.transforms_dir))], desc="mirror check")
     if "flips" not in done:
         return
     mirrored = done["flips"]["looks_mirrored"]
     by_name = {s.name: s for s in available}
-    ctx.summarise("mirror_check", {"looks_mirrored": mirrored, "file": ctx.layout.relative(output)},
+    commands = {name: f"create_pipeline --animal {ctx.animal} --task align --section {name} --mirrored "
+                      f"{'false' if by_name[name].mirrored else 'true'}" for name in mirrored}
+    ctx.summarise("mirror_check", {"looks_mirrored": mirrored, "file": ctx.layout.relative(output),
+                                   "commands": commands, "mirrored_by_user": applied},
                   note=None if not mirrored else (
-                      f"{len(mirrored)} section(s) look mounted mirrored (reported, not applied): {', '.join(mirrored)}"))
+                      f"{len(mirrored)} section(s) look mounted mirrored (reported, not applied): {', '.join(mirrored)}; "
+                      f"if so, mirror them: " + "; ".join(commands.values()) + " (then run --task align again)"))
     for name in mirrored:
         ctx.log.warning("align: %s looks mirrored (mounted face down?): most of its registrations fit better "
-                        "mirrored; nothing was changed (see %s)", by_name[name].label, output)
+                        "mirrored; nothing was changed (see %s; to mirror it: %s)", by_name[name].label, output,
+                        commands[name])
     if not mirrored:
         ctx.log.info("align: no section looks mirrored")
 
@@ -558,3 +602,27 @@ def _store_manual(ctx: StageContext, sections) -> None:
             yshift=float(ctx.params.get("yshift") or 0.0), metric=None, iteration=None, manual=True,
             resolution="thumbnail", active=True, FK_pipeline_run_id=ctx.run_id))
     ctx.log.info("align: manual transform stored for %s onto %s (wins over the computed one)", moving.label, fixed.name)
+
+
+def _store_mirrored(ctx: StageContext, sections) -> list:
+    """--section S --mirrored true|false: the user's word that S is mounted face down, on S's
+    channel-1 row (so it follows the section when the order changes); the sections as now."""
+    from dataclasses import replace
+
+    from db.models import SlideCziToTif
+
+    asked = str(ctx.params["section"]).strip()
+    by_name = {s.name: s for s in sections}
+    if asked in by_name:
+        section = by_name[asked]
+    elif asked.isdigit() and int(asked) < len(sections):
+        section = sections[int(asked)]
+    else:
+        raise SlidepipeError(f"--section {asked}: no active section of that name (give <slide>_S<scene> as in the "
+                             "file names, or a position)")
+    value = bool(ctx.params["mirrored"])
+    with ctx.session() as session:
+        session.get(SlideCziToTif, section.channel1_id).mirrored = value
+    ctx.log.info("align: %s %s", section.label, "is mirrored from now on (mounted face down)" if value else
+                 "is no longer mirrored")
+    return [replace(s, mirrored=value) if s.name == section.name else s for s in sections]

@@ -49,6 +49,8 @@ class Section:
     samples_per_pixel: int
     slide_id: int = 0
     scene_index: int = 0
+    mirrored: bool = False
+    """Mounted face down, by the user's word (channel-1 row's `mirrored`): align mirrors it."""
 
     @property
     def deactivate(self) -> str:
@@ -86,7 +88,7 @@ def list_sections(ctx, channel: int | None = None) -> list[Section]:
                 thumbnail=ctx.layout.extracted_thumbnail(stem, row.scene_index, channel),
                 full=ctx.layout.extracted_tif(stem, row.scene_index, channel),
                 width=row.width, height=row.height, dtype=row.dtype, samples_per_pixel=row.samples_per_pixel or 1,
-                slide_id=row.FK_slide_id, scene_index=row.scene_index,
+                slide_id=row.FK_slide_id, scene_index=row.scene_index, mirrored=bool(first.mirrored),
             ))
     if not sections:
         raise SlidepipeError(f"animal {ctx.animal} has no active sections in channel {channel}: run --task extract first")
