@@ -725,7 +725,7 @@ def test_tensorstore_reads_mip0_over_http_from_apache_equal_to_the_stack(layers,
 
 
 def test_published_chunks_are_gzipped_at_slidepipes_level_in_igneous_processes(tmp_path):
-    """igneous's tasks run in their own processes (2 workers: a spawned pool) and open their own
+    """igneous's tasks run in their own processes (2 workers: a pool of processes) and open their own
     CloudVolume; the chunks they write are gzip level 1 (GZIP_LEVEL), not cloudfiles' default 9:
     each chunk's bytes equal a level-1 deflate of its decoded content and differ from level 9's."""
     from cloudfiles import compression

@@ -217,7 +217,7 @@ def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, l
               gzip_level: int | None = None) -> int:
     """Execute igneous tasks and return when all are done.
 
-    Without a queue: here (one worker) or in a pool of `workers` new ('spawn') processes, each
+    Without a queue: here (one worker) or in a pool of `workers` forked processes, each
     set to gzip at `gzip_level` first (`use_gzip_level`; python-task-queue's LocalTaskQueue, used
     before, gives no hook to do that in its processes). With a queue (a build's own sub-queue,
     `build_queue`): insert them there and work on that queue here too until it is empty, so
@@ -247,7 +247,9 @@ def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, l
             for payload in payloads:
                 _execute_igneous(payload)
         else:
-            with ProcessPoolExecutor(min(int(workers), len(payloads)), mp_context=get_context("spawn"),
+            # fork, as LocalTaskQueue's pathos pool did in effect: 'spawn' re-imports __main__,
+            # so a script calling publish_stack without an `if __name__ == "__main__"` guard broke.
+            with ProcessPoolExecutor(min(int(workers), len(payloads)), mp_context=get_context("fork"),
                                      initializer=_igneous_process, initargs=(gzip_level,)) as pool:
                 for _ in pool.map(_execute_igneous, payloads):
                     pass
