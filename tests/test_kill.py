@@ -50,10 +50,11 @@ ANIMAL = "DEMO"
 THUMBNAIL_CHAIN = ["extract", "mask", "clean", "histogram", "align", "create_metrics", "neuroglancer", "omezarr"]
 CHAIN = [(s, True) for s in THUMBNAIL_CHAIN] + [(s, False) for s in ("mask", "clean", "align", "neuroglancer")]
 KILLED = [(s, True) for s in THUMBNAIL_CHAIN] + [("clean", False), ("neuroglancer", False)]
-ON_MARIADB_TOO = {("extract", True), ("histogram", True), ("omezarr", True), ("neuroglancer", False)}
-"""Every kind of output (many files per task, a per-section stage with a stack-wide task, a
-resumable store, a published pyramid) on MariaDB as well; all of KILLED pass there (checked
-2026-12-06), but each costs 4-19 s."""
+ON_MARIADB_TOO = {("histogram", True), ("neuroglancer", False)}
+"""A per-section stage with a stack-wide task and a published pyramid on MariaDB as well; all of
+KILLED passed there (checked 2026-12-06), but each costs 4-19 s and the suite must stay well under
+20 minutes, so the others run on SQLite only (the kill-safety under test is in the files and the
+runner's per-task transactions, the same on both backends)."""
 
 
 @dataclasses.dataclass
