@@ -25,6 +25,7 @@ from pipeline.imaging.pyramid import block_mean_floor, plan_pyramid
 from pipeline.layout import AnimalLayout
 from pipeline.publish import precomputed as pc
 from pipeline.publish.validate import LayerVerificationError, expected_chunks, verify_layer
+from tests.helpers_layers import decoded_chunk_files
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -484,16 +485,6 @@ def test_rechunkme_deleted_only_after_a_verified_transfer(tmp_path):
     assert not list(tmp_path.glob("C1T.tmp-*")), "no half-built layer left behind"
 
 
-def _decoded_files(layer: Path) -> dict[str, bytes]:
-    """Every chunk file of every level, decoded (gzip undone), by its path in the layer."""
-    out = {}
-    for scale in json.loads((layer / "info").read_text())["scales"]:
-        for path in sorted((layer / scale["key"]).iterdir()):
-            data = path.read_bytes()
-            out[f"{scale['key']}/{path.name}"] = gzip.decompress(data) if path.suffix == ".gz" else data
-    return out
-
-
 @pytest.mark.parametrize("name, slab_chunks", [("grey", 1), ("uint16", 1), ("uint16", 2), ("rgb", 1)])
 def test_slab_wise_publishing_gives_the_same_files_and_voxels_at_every_level(layers, tmp_path, name, slab_chunks):
     """Issue 8.1: one z-slab at a time (step-1 chunks written, transferred, its 2x2x1 levels made,
@@ -517,7 +508,7 @@ def test_slab_wise_publishing_gives_the_same_files_and_voxels_at_every_level(lay
     assert [(r["from_mip"], r["mips"]) for r in out["rounds"]] == \
         [(r["from_mip"], r["mips"]) for r in layer["result"]["rounds"]], "the same rounds, so the same rule per level"
     assert json.loads((dest / "info").read_text()) == info
-    got, want = _decoded_files(dest), _decoded_files(whole)
+    got, want = decoded_chunk_files(dest), decoded_chunk_files(whole)
     assert got.keys() == want.keys()
     assert [k for k in want if got[k] != want[k]] == []
     assert out["rechunkme_deleted"] and not (tmp_path / "C1T_rechunkme").exists()
@@ -821,7 +812,7 @@ def test_verification_accepts_a_missing_chunk_only_where_the_source_is_zero(mask
 def test_slab_wise_publishing_with_background_chunks_gives_the_same_files(masked, tmp_path):
     dest = tmp_path / "C1T"
     pc.publish_stack(masked["sections"], dest, 5, 20, chunk_size=(32, 32, 2), sample=None, slab_depth=2)
-    assert _decoded_files(dest) == _decoded_files(masked["dest"])
+    assert decoded_chunk_files(dest) == decoded_chunk_files(masked["dest"])
 
 
 @pytest.mark.apache

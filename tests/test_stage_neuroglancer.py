@@ -23,6 +23,7 @@ from pipeline.create_pipeline import main
 from pipeline.layout import AnimalLayout
 from pipeline.publish.validate import verify_layer
 from tests.helpers_db import record_outputs, seed_sections
+from tests.helpers_layers import decoded_chunk_files
 from tests.helpers_queue import worker
 
 ANIMAL = "NG1"
@@ -340,17 +341,6 @@ def test_nothing_served_names_the_data_root_or_the_host(normalised_sample):
 
 # --------------------------------------------------------------------------------------------
 # z-slab publishing (issue 8.1)
-def _decoded(layer) -> dict[str, bytes]:
-    import gzip
-
-    out = {}
-    for scale in json.loads((layer / "info").read_text())["scales"]:
-        for path in sorted((layer / scale["key"]).iterdir()):
-            data = path.read_bytes()
-            out[f"{scale['key']}/{path.name}"] = gzip.decompress(data) if path.suffix == ".gz" else data
-    return out
-
-
 def test_a_failure_in_a_later_slab_resumes_without_redoing_finished_slabs(tmp_path, db_url):
     """Three slabs of 4 sections; section 9 (slab 3) is truncated (its header reads, its pixels do
     not): the run fails with slabs 1-2
@@ -391,7 +381,7 @@ def test_a_failure_in_a_later_slab_resumes_without_redoing_finished_slabs(tmp_pa
     assert not temp.exists()
     whole = pc.publish_stack(paths, tmp_path / "whole" / "C1T", 10.4, 20, chunk_size=(16, 16, 2), sample=None)
     assert whole["plan"]["factors"] == [[2, 2, 1], [2, 2, 2]], "a level that halves z, built after the slabs"
-    assert _decoded(layer) == _decoded(tmp_path / "whole" / "C1T")
+    assert decoded_chunk_files(layer) == decoded_chunk_files(tmp_path / "whole" / "C1T")
     assert json.loads((layer / "info").read_text()) == json.loads((tmp_path / "whole" / "C1T" / "info").read_text())
     verify_layer(layer, paths, sample=None)
     engine = init_db(db_url)
