@@ -115,6 +115,9 @@ def setup_logging(debug: bool) -> None:
     # tifffile logs what it meets in a damaged file at ERROR level, then our reader raises a
     # SlidepipeError naming the file and page: without this each problem would print 2-3 times.
     logging.getLogger("tifffile").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+    # When the database goes away mid-run, the pool logs a traceback for every connection it fails
+    # to reset on return, after (or before) the OperationalError we report as one line.
+    logging.getLogger("sqlalchemy.pool").setLevel(logging.DEBUG if debug else logging.CRITICAL)
 
 
 def main(argv: list[str] | None = None) -> int:
