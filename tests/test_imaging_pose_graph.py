@@ -226,3 +226,30 @@ def test_the_hypotheses_consistent_around_the_triangles_are_chosen():
     print(f"hypotheses chosen by triangles: worst section {worst_error(solution.poses, truth):.2f} px; the "
           f"registrations' own results: {worst_error(own.poses, truth):.2f} px")
     assert worst_error(solution.poses, truth) < 0.5 < 5 < worst_error(own.poses, truth)
+
+
+def test_rotation_only_pairs_turn_a_poorly_registered_end_section_but_do_not_move_it():
+    """As at the hard sample's pole: the first section's k-1 registration is turned 3 degrees (its
+    smaller outline fitted rigidly into its neighbour's), its k-2 one failed (20 degrees off,
+    outvoted), so nothing corrects the first. A second, rotation-only measurement of every pair
+    (the align stage's similarity fits: right in their turn, their shift 0.3 px off) outvotes the
+    turned registration (two fits against one registration: the solve lands at a third of its
+    turn, as on the hard sample: 3.1 -> 0.7 degrees), and their shift moves no section."""
+    truth, reference = true_poses(10, seed=2)
+    errors = {(0, 1): rigid_matrix(np.deg2rad(3.0), 0, 0, CENTER), (0, 2): rigid_matrix(np.deg2rad(20.0), 0, 0, CENTER)}
+    pairs = pairs_of(truth, lambda f, m: errors.get((f, m), np.eye(3)))
+    shifted = rigid_matrix(0, 0.3, 0, CENTER)
+    fits = [Pair(p.fixed, p.moving, shifted @ relative(truth, p.fixed, p.moving), rotation_only=True) for p in pairs]
+
+    def first_turn(solution):
+        delta = solution.poses[1] @ np.linalg.inv(solution.poses[0]) @ np.linalg.inv(relative(truth, 0, 1))
+        return float(np.rad2deg(np.arctan2(delta[1, 0], delta[0, 0])))
+
+    alone = solve_poses(10, pairs, reference, CENTER, RADIUS)
+    both = solve_poses(10, pairs + fits, reference, CENTER, RADIUS)
+    print(f"first pair's turn: {first_turn(alone):+.2f} deg off from the registrations alone, "
+          f"{first_turn(both):+.2f} with the rotation-only fits; the others off by "
+          f"{worst_error(both.poses[1:], truth[1:]):.3f} px (without {worst_error(alone.poses[1:], truth[1:]):.3f})")
+    assert abs(first_turn(alone)) > 2.5 and abs(first_turn(both)) < abs(first_turn(alone)) / 2
+    assert worst_error(both.poses[1:], truth[1:]) < 0.1  # as whole pairs they would move them by 0.36 px
+    assert len(both.pair_residual) == len(pairs) + len(fits)

@@ -71,6 +71,11 @@ class Pair:
     """fixed -> moving coordinates (3x3)."""
     hard: bool = False
     """A manual transform: held exactly."""
+    rotation_only: bool = False
+    """Only the pair's rotation enters the solve (its shift constrains nothing; its robust weight
+    still comes from the whole transform, so a fit that is off in its shift is outvoted in its
+    turn too): the align stage's similarity fits, whose shift (of the fixed tissue centroid under
+    a scale) is no better than the registration's."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +211,7 @@ def solve_poses(count: int, pairs: list[Pair], reference: int, center: tuple[flo
         raise SlidepipeError(f"{len(anchors)} anchors for {count} sections")
     ref_anchor = anchors[reference] if use_anchors else None
     sigma_angle = None if prior_angle_deg is None else np.deg2rad(prior_angle_deg) * radius
-    start = _initial_poses(count, soft, groups, center, radius)
+    start = _initial_poses(count, [p for p in soft if not p.rotation_only], groups, center, radius)
     theta = np.array([np.arctan2(start[r][1, 0], start[r][0, 0]) for r in groups.free])
     residual = np.array([pair_discrepancy(p.matrix @ start[p.fixed], start[p.moving], center, radius) for p in soft])
     weights = 1.0 / (1.0 + (residual / (CAUCHY * PAIR_SIGMA_PX)) ** 2)
@@ -458,6 +463,8 @@ def _solve_shifts(count, soft, measured, groups, weights, theta, c, anchors, anc
 
     rows, rhs = [], []
     for p, w in zip(soft, weights):
+        if p.rotation_only:
+            continue
         # pose_i = T pose_j, compared where the tissue is: pose_i(c) = T pose_j(c)
         li, ai, bi, ci = affine(p.moving)
         lj, aj, bj, cj = affine(p.fixed)
