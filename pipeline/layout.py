@@ -177,6 +177,17 @@ class AnimalLayout:
         folder = "pairwise" if step == 1 else f"pairwise_k{step}"
         return self.transforms_dir / folder / f"{_section_file(section)}.json"
 
+    def similarity_transform(self, section: str, step: int = 1) -> Path:
+        """The second pass's similarity fit of `section` onto its step-1 or step-2 neighbour,
+        started from the first pass's poses (`similarity/`, `similarity_k2/`)."""
+        folder = "similarity" if step == 1 else f"similarity_k{step}"
+        return self.transforms_dir / folder / f"{_section_file(section)}.json"
+
+    @property
+    def first_pass_poses(self) -> Path:
+        """Align's first pose solve (from the registrations alone): where the similarity fits start."""
+        return self.transforms_dir / "first_pass.json"
+
     def section_transform(self, section: str) -> Path:
         """Composed transform of one section onto the reference (middle) section (JSON)."""
         return self.transforms_dir / "composed" / f"{_section_file(section)}.json"

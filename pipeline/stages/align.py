@@ -8,10 +8,14 @@ Three phases, each a set of runner tasks so that a change re-runs only what depe
    `preps/transforms/pairwise_k2/<section>.json`. Each result becomes an `elastix_transformation`
    row. Files are named by the section's key (`<slide>_S<scene>`), and the neighbour is a
    parameter: a reorder redoes exactly the pairs whose neighbour changed.
-2. `compose` solves one pose per section from all pairs (`pipeline.imaging.pose_graph`: robust
-   least squares, so a failed pair is outvoted instead of carried along a chain; tissue
-   centroids as weak anchors against drift), `preps/transforms/composed/<section>.json`. A file
-   is rewritten only when its content changes; the task's result records the stack order.
+2. `compose:first` solves one pose per section from all pairs (`pipeline.imaging.pose_graph`:
+   robust least squares, so a failed pair is outvoted instead of carried along a chain; tissue
+   centroids as weak anchors against drift), `preps/transforms/first_pass.json`; from it,
+   `similarity:<section>` / `similarity2:<section>` fit each pair with rotation + scale
+   (`preps/transforms/similarity[_k2]/`: sections of different size, as near a pole, turn a
+   rigid fit); `compose` solves again with the fits' rotations as second measurements,
+   `preps/transforms/composed/<section>.json`. A file is rewritten only when its content
+   changes; the task's result records the stack order.
 3. `warp:<section>` resamples the cleaned section of the stage's channel and resolution with its
    composed transform (an input of the task: a changed transform re-runs exactly its sections).
 
@@ -107,25 +111,41 @@ def register_task(fixed: str, moving: str, output: str, fixed_section: str, movi
     return data
 
 
-def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str], reference: str,
-                 canvas: list[int], outputs: dict[str, str], mirrored: list[str] = ()) -> dict:
-    """One pose per section onto the reference from all its pairs (`pose_graph.solve_poses`).
+def similarity_task(fixed: str, moving: str, output: str, fixed_section: str, moving_section: str, start: list,
+                    backend: str, threads: int | None = None, mirror: list[bool] = (False, False)) -> dict:
+    """The second pass's fit of one pair (`register.similarity_fit`), started from the first
+    pass's poses (`start`: [rotation in degrees, xshift, yshift] about the canvas centre, fixed
+    -> moving, thumbnail px)."""
+    from pipeline.imaging.register import similarity_fit
+    from pipeline.imaging.transforms import canvas_center, rigid_matrix
 
-    sections: the available sections in stack order; pairs: {"fixed", "moving", "step", and
-    "pairwise": path or "manual": [rot, x, y]} (a manual pair is a hard constraint). Of each
-    registered pair's hypotheses the one most consistent around the stack's triangles is used
-    (`pose_graph.choose_hypotheses`; the result's `pairs[].hypothesis` says which). Each
-    section's cleaned channel-1 thumbnail gives its tissue centroid, a weak anchor that keeps the
-    stack from wandering (measured best on the sample, docs/processing.md). The poses of the
-    `mirrored` sections are solved on their mirrored images; their composed matrix mirrors first."""
+    fixed_image, moving_image = read_section(fixed, mirror[0]), read_section(moving, mirror[1])
+    matrix = rigid_matrix(np.deg2rad(start[0]), start[1], start[2], canvas_center(fixed_image.shape))
+    try:
+        fit = similarity_fit(fixed_image, moving_image, matrix, backend=backend, threads=threads)
+    except SlidepipeError as exc:
+        raise SlidepipeError(exc.reason, moving) from exc
+    data = {"fixed": fixed_section, "moving": moving_section, "start": start, **fit}
+    with atomic_path(Path(output)) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+    return {"fixed": fixed_section, "moving": moving_section, "scale": fit["scale"]}
+
+
+def _solve(sections, pairs, cleaned, reference, canvas, mirrored):
+    """The pose solve of both passes (see `compose_task`): (solution, index, picked, sources, ncc,
+    center, fitted); the solution's pair arrays hold the registered pairs in `pairs` order, then
+    the similarity fits of the pairs in `fitted`."""
     from pipeline.imaging.pose_graph import Pair, anchor_of, choose_hypotheses, rms_radius, solve_poses
-    from pipeline.imaging.qc import flag_sections, misfit
-    from pipeline.imaging.transforms import canvas_center, rigid_matrix, rigid_parameters
+    from pipeline.imaging.transforms import canvas_center, rigid_matrix
 
     center = canvas_center(tuple(canvas))
     index = {name: i for i, name in enumerate(sections)}
     images = {name: read_section(cleaned[name], name in mirrored) for name in sections}
     radius = rms_radius(images[reference], center)
+
+    def rigid(h):
+        return rigid_matrix(h["rotation"], h["xshift"], h["yshift"], center)
+
     # every computed pair's hypotheses (register_pair(hypotheses=True)); the triangles choose
     measured, candidates = {}, {}
     for pair in pairs:
@@ -138,10 +158,9 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
         options = data.get("hypotheses") or [{**data, "score": (data.get("start") or {}).get("final_score")}]
         key = (index[pair["fixed"]], index[pair["moving"]])
         measured[key] = (data, options)
-        candidates[key] = [(rigid_matrix(h["rotation"], h["xshift"], h["yshift"], center),
-                            0.0 if h.get("score") is None else float(h["score"])) for h in options]
+        candidates[key] = [(rigid(h), 0.0 if h.get("score") is None else float(h["score"])) for h in options]
     chosen = choose_hypotheses(len(sections), candidates, center, radius)
-    graph, sources, ncc, picked = [], {}, {}, {}
+    graph, sources, ncc, picked, fits = [], {}, {}, {}, []
     for pair in pairs:
         key = (index[pair["fixed"]], index[pair["moving"]])
         if pair.get("manual") is not None:
@@ -153,6 +172,12 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
             picked[key] = choice
             if options[choice].get("score") is not None:
                 ncc[(pair["fixed"], pair["moving"])] = float(options[choice]["score"])
+        if pair.get("similarity"):
+            fit = json.loads(Path(pair["similarity"]).read_text())
+            if fit["fixed"] != pair["fixed"] or fit["moving"] != pair["moving"]:
+                raise SlidepipeError(f"similarity fit is for {fit['fixed']}->{fit['moving']}, expected "
+                                     f"{pair['fixed']}->{pair['moving']}", pair["similarity"])
+            fits.append((pair, Pair(key[0], key[1], rigid(fit), rotation_only=True)))
         graph.append(Pair(key[0], key[1], matrix, hard=hard))
         if pair["step"] == 1:
             sources[pair["moving"]] = source
@@ -161,9 +186,45 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
     placed = {p["moving"] for p in pairs if p.get("manual") is not None}
     anchors = [None if name in placed else anchor_of(images[name]) for name in sections]
     try:
-        solution = solve_poses(len(sections), graph, index[reference], center, radius, anchors=anchors)
+        solution = solve_poses(len(sections), graph + [f for _, f in fits], index[reference], center, radius,
+                               anchors=anchors)
     except SlidepipeError as exc:
         raise SlidepipeError(f"{exc} (sections in stack order: {', '.join(sections)})") from exc
+    return solution, index, picked, sources, ncc, center, [p for p, _ in fits]
+
+
+def first_pass_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str], reference: str,
+                    canvas: list[int], output: str, mirrored: list[str] = ()) -> dict:
+    """The first pose solve, from the registrations alone (`compose_task` without similarity
+    fits): each section's pose, where the second pass's fits start (`output`, and the result)."""
+    solution = _solve(sections, pairs, cleaned, reference, canvas, mirrored)[0]
+    data = {"order": list(sections), "reference": reference,
+            "poses": {name: [[float(v) for v in row] for row in pose] for name, pose in zip(sections, solution.poses)}}
+    payload = json.dumps(data, indent=1)
+    if not Path(output).is_file() or Path(output).read_text() != payload:
+        with atomic_path(Path(output)) as tmp:
+            tmp.write_text(payload)
+    return data
+
+
+def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str], reference: str,
+                 canvas: list[int], outputs: dict[str, str], mirrored: list[str] = ()) -> dict:
+    """One pose per section onto the reference from all its pairs (`pose_graph.solve_poses`).
+
+    sections: the available sections in stack order; pairs: {"fixed", "moving", "step", and
+    "pairwise": path (and "similarity": path of the second pass's fit) or "manual": [rot, x, y]}
+    (a manual pair is a hard constraint). Of each registered pair's hypotheses the one most
+    consistent around the stack's triangles is used (`pose_graph.choose_hypotheses`), then, the
+    same way, that or the pair's similarity fit (the result's `pairs[].hypothesis` says which:
+    an index, or "similarity"). Each section's cleaned channel-1 thumbnail gives its tissue
+    centroid, a weak anchor that keeps the stack from wandering (measured best on the sample,
+    docs/processing.md). The poses of the `mirrored` sections are solved on their mirrored
+    images; their composed matrix mirrors first."""
+    from pipeline.imaging.qc import flag_sections, misfit
+    from pipeline.imaging.transforms import rigid_parameters
+
+    solution, index, picked, sources, ncc, center, fitted = _solve(sections, pairs, cleaned, reference, canvas,
+                                                                   mirrored)
     summary, disagreement = {}, {}
     for name, matrix in zip(sections, solution.poses):
         rotation, xshift, yshift = rigid_parameters(matrix, center)
@@ -173,7 +234,7 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
             "matrix": [[float(v) for v in row] for row in (mirror_matrix(canvas) @ matrix if flip else matrix)],
             **flip,
             "rotation": rotation, "xshift": xshift, "yshift": yshift,
-            "pairwise_source": sources.get(name, "reference"), "method": "pose graph (k-1, k-2, hypotheses by triangles, centroid anchors and their trend)",
+            "pairwise_source": sources.get(name, "reference"), "method": METHOD,
             "convention": "aligned(p) = cleaned(matrix @ p); p = (x, y, 1) thumbnail pixel centres of the canvas",
         }, indent=1)
         path = Path(outputs[name])
@@ -188,6 +249,11 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
                   "hypothesis": picked.get((index[p["fixed"]], index[p["moving"]]), 0)}
                  for p, r, w, o in zip([q for q in pairs if q.get("manual") is None], solution.pair_residual,
                                        solution.pair_weight, solution.outvoted)]
+    registered = len(residuals)
+    for p, r, w, o in zip(fitted, solution.pair_residual[registered:], solution.pair_weight[registered:],
+                          solution.outvoted[registered:]):
+        residuals.append({"fixed": p["fixed"], "moving": p["moving"], "step": p["step"], "residual": float(r),
+                          "weight": float(w), "outvoted": bool(o), "hypothesis": "similarity"})
     # what the stack uses now for each section onto its previous one: the start of a manual fix
     relative = {}
     for previous, name in zip(sections, sections[1:]):
@@ -206,6 +272,10 @@ def compose_task(sections: list[str], pairs: list[dict], cleaned: dict[str, str]
     return {"reference": reference, "order": list(sections), "transforms": summary, "disagreement": disagreement,
             "misfit": {name: None if not np.isfinite(v) else float(v) for name, v in zip(sections, misfits)},
             "pairs": residuals, "flags": flags, "relative": relative}
+
+
+METHOD = ("pose graph (k-1, k-2, hypotheses by triangles, each pair's similarity fit from a first solve at half "
+          "weight, centroid anchors and their trend)")
 
 
 def flips_task(pairs: list[list[str]], cleaned: dict[str, str], output: str, mirrored: list[str] = ()) -> dict:
@@ -294,7 +364,7 @@ def run(ctx: StageContext) -> None:
     pair_results = _register(ctx, available, backend)
     if ctx.params.get("detect_flips"):
         _detect_flips(ctx, available)
-    transforms = _compose(ctx, available, pair_results)
+    transforms = _compose(ctx, available, pair_results, backend)
     if transforms:
         _warp(ctx, available, transforms)
 
@@ -313,8 +383,8 @@ def _neighbour_pairs(available) -> list[tuple[int, object, object]]:
     return [(step, available[i - step], available[i]) for i in range(1, len(available)) for step in STEPS if i >= step]
 
 
-def _pair_key(step: int, moving: str) -> str:
-    return f"pair:{moving}" if step == 1 else f"pair{step}:{moving}"
+def _pair_key(step: int, moving: str, kind: str = "pair") -> str:
+    return f"{kind}:{moving}" if step == 1 else f"{kind}{step}:{moving}"
 
 
 def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
@@ -400,9 +470,11 @@ def _manual_rows(ctx: StageContext) -> dict[int, object]:
     return {row.FK_section_id: row for row in rows}
 
 
-def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dict[str, Path] | None:
-    """The compose task over every registered pair; a manual transform of S onto its previous
-    section replaces S's computed registrations (k-1 and k-2) and is held exactly."""
+def _compose(ctx: StageContext, available, pair_results: dict[str, dict], backend: str) -> dict[str, Path] | None:
+    """The pose solve over every registered pair, in two passes: a first solve, each pair's
+    similarity fit started from it (`_similarity`), and the compose task over both; a manual
+    transform of S onto its previous section replaces S's computed registrations (k-1 and k-2)
+    and is held exactly."""
     from pipeline.imaging.pose_graph import choice_settings
     from pipeline.stages.section_files import read_image
 
@@ -430,27 +502,80 @@ def _compose(ctx: StageContext, available, pair_results: dict[str, dict]) -> dic
     canvas = list(read_image(ctx.layout.cleaned(1, True, reference)).shape[:2])
     outputs = {s.name: str(ctx.layout.section_transform(s.name)) for s in available}
     cleaned = _cleaned_thumbnails(ctx, available)
-    inputs = [Path(p["pairwise"]) for p in pairs if "pairwise" in p] + [Path(p) for p in cleaned.values()]
     mirrored = [s.name for s in available if s.mirrored]
-    task = Task(key="compose", func=compose_task,
-                kwargs={"sections": [s.name for s in available], "pairs": pairs, "cleaned": cleaned,
-                        "reference": reference, "canvas": canvas, "outputs": outputs, "mirrored": mirrored},
-                inputs=inputs, outputs=[Path(p) for p in outputs.values()],
-                params={"pairs": [{k: v for k, v in p.items() if k != "pairwise"} for p in pairs],
-                        "reference": reference, "canvas": canvas,
-                        "method": "pose graph, centroid anchors and their trend, hypotheses by triangles",
-                        "settings": choice_settings(),
-                        "qc": "qc.flag_sections: disagreement, misfit",
-                        **({"mirrored": mirrored} if mirrored else {})},
-                label=str(ctx.layout.transforms_dir))
     if missing:
         ctx.log.warning("align: %d registrations failed (see the errors above); the poses are solved from the others",
                         len(missing))
+    common = {"sections": [s.name for s in available], "cleaned": cleaned, "reference": reference, "canvas": canvas,
+              "mirrored": mirrored}
+    params = {"reference": reference, "canvas": canvas, "settings": choice_settings(),
+              **({"mirrored": mirrored} if mirrored else {})}
+    images = [Path(p) for p in cleaned.values()]
+    first = ctx.layout.first_pass_poses
+    done = ctx.execute([Task(key="compose:first", func=first_pass_task, kwargs={**common, "pairs": pairs, "output": str(first)},
+                             inputs=[Path(p["pairwise"]) for p in pairs if "pairwise" in p] + images, outputs=[first],
+                             params={**params, "pairs": [{k: v for k, v in p.items() if k != "pairwise"} for p in pairs]},
+                             label=str(ctx.layout.transforms_dir))], desc="first pose solve")
+    if "compose:first" not in done:
+        return None
+    fits = _similarity(ctx, available, pairs, done["compose:first"]["poses"], canvas, backend)
+    pairs = [{**p, "similarity": str(ctx.layout.similarity_transform(p["moving"], p["step"]))}
+             if _pair_key(p["step"], p["moving"], "similarity") in fits else p for p in pairs]
+    files = [Path(p[k]) for p in pairs for k in ("pairwise", "similarity") if k in p]
+    task = Task(key="compose", func=compose_task, kwargs={**common, "pairs": pairs, "outputs": outputs},
+                inputs=files + images, outputs=[Path(p) for p in outputs.values()],
+                params={**params, "pairs": [{k: v for k, v in p.items() if k not in ("pairwise", "similarity")}
+                                            | {"similarity": "similarity" in p} for p in pairs],
+                        "method": METHOD, "qc": "qc.flag_sections: disagreement, misfit"},
+                label=str(ctx.layout.transforms_dir))
     results = ctx.execute([task], desc="compose transforms")
     if "compose" not in results:
         return None
     _report_qc(ctx, available, results["compose"])
     return {s.name: ctx.layout.section_transform(s.name) for s in available}
+
+
+START_STEP = 0.1
+"""Degrees and thumbnail px: how finely the similarity fits' starts are told apart (`_similarity`)."""
+
+
+def _similarity(ctx: StageContext, available, pairs: list[dict], poses: dict[str, list], canvas: list[int],
+                backend: str) -> dict[str, dict]:
+    """`similarity:<section>` (and `similarity2:`) tasks: each registered pair's similarity fit,
+    started from the first pose solve. The start is a parameter, rounded to START_STEP: a fit
+    needs a start near the answer, not an exact one, so a pair is fitted again only when the
+    first pass moved its sections noticeably (a manual transform elsewhere re-solves every pose
+    by hundredths of a pixel)."""
+    from pipeline.imaging.transforms import canvas_center, rigid_parameters
+    from pipeline.imaging.register import SIMILARITY_FILES, SITK_SETTINGS, parameter_texts
+
+    settings = parameter_texts(SIMILARITY_FILES) if backend == "elastix" else {**SITK_SETTINGS, "model": "similarity"}
+    settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    threads = max(1, (os.cpu_count() or 1) // max(1, ctx.settings.workers))
+    by_name = {s.name: s for s in available}
+    center = canvas_center(tuple(canvas))
+    tasks = []
+    for pair in pairs:
+        if "pairwise" not in pair:
+            continue
+        fixed, moving, step = by_name[pair["fixed"]], by_name[pair["moving"]], pair["step"]
+        rotation, xshift, yshift = rigid_parameters(
+            np.array(poses[moving.name]) @ np.linalg.inv(np.array(poses[fixed.name])), center)
+        start = [round(float(v) / START_STEP) * START_STEP for v in (np.rad2deg(rotation), xshift, yshift)]
+        start = [round(v, 6) for v in start]
+        fixed_path, moving_path = ctx.layout.cleaned(1, True, fixed.name), ctx.layout.cleaned(1, True, moving.name)
+        output = ctx.layout.similarity_transform(moving.name, step)
+        mirror = [fixed.mirrored, moving.mirrored]
+        tasks.append(Task(
+            key=_pair_key(step, moving.name, "similarity"), func=similarity_task,
+            kwargs={"fixed": str(fixed_path), "moving": str(moving_path), "output": str(output),
+                    "fixed_section": fixed.name, "moving_section": moving.name, "start": start, "backend": backend,
+                    "threads": threads, "mirror": mirror},
+            inputs=[fixed_path, moving_path], outputs=[output],
+            params={"fixed": fixed.name, "start": start, "backend": backend, "settings": settings_hash,
+                    **({"mirror": mirror} if any(mirror) else {})},
+            label=str(moving_path)))
+    return ctx.execute(tasks, desc="similarity fits")
 
 
 def _detect_flips(ctx: StageContext, available) -> None:
@@ -504,7 +629,8 @@ def _report_qc(ctx: StageContext, available, result: dict) -> None:
     """The sections to look at (`qc.flag_sections` on the pose solve), in pipeline_run.summary,
     a warning, and a note under the stage's summary line with the command that places one by hand."""
     flags = result.get("flags") or {}
-    outvoted = [f"{p['fixed']}->{p['moving']}" for p in result.get("pairs", []) if p["outvoted"]]
+    outvoted = [f"{p['fixed']}->{p['moving']}" + (" (similarity fit)" if p["hypothesis"] == "similarity" else "")
+                for p in result.get("pairs", []) if p["outvoted"]]
     by_name = {s.name: s for s in available}
     commands = {}
     order = result.get("order", [])
@@ -557,7 +683,7 @@ def _warp(ctx: StageContext, available, transforms: dict[str, Path]) -> None:
 def _record_registration_settings(ctx: StageContext, backend: str) -> None:
     """The parameter maps actually used go into the run's params (pipeline_run.params)."""
     from db.models import PipelineRun
-    from pipeline.imaging.register import RECORDED_FILES, SITK_SETTINGS, parameter_texts
+    from pipeline.imaging.register import RECORDED_FILES, SIMILARITY_FILES, SITK_SETTINGS, parameter_texts
 
     if ctx.run_id is None:
         return
@@ -565,7 +691,8 @@ def _record_registration_settings(ctx: StageContext, backend: str) -> None:
         run = session.get(PipelineRun, ctx.run_id)
         params = json.loads(run.params or "{}")
         params["registration_backend"] = backend
-        params["registration_settings"] = parameter_texts(RECORDED_FILES) if backend == "elastix" else SITK_SETTINGS
+        params["registration_settings"] = (parameter_texts(dict.fromkeys((*RECORDED_FILES, *SIMILARITY_FILES)))
+                                           if backend == "elastix" else SITK_SETTINGS)
         run.params = json.dumps(params, sort_keys=True, default=str)
 
 
