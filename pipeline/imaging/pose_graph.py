@@ -262,7 +262,9 @@ px off; standard sample: 5 pairs more than 1 degree off instead of 1). Chosen on
 (2026-12-06, stack RMS px against the truth offline, standard / hard): 0 -> 0.46 / 0.65; 0.5 ->
 0.39 / 0.61; 0.7-0.9 -> 0.40 / 0.61; 1.0-1.2 -> 0.40 / 0.42; 1.4-1.6 -> 0.40 / 0.51; 1.9 -> 0.40 /
 1.21 (the pole's right turn then loses to the registration's half turn). A tuned constant: the
-range that works on the hard sample is narrow."""
+range that works on the hard sample is narrow, and the align stage's second pass (similarity
+fits) does not widen it (swept with it: 0-0.9 leave the pole's first pair 12 degrees off, 1.6 one
+pair 1.15 off, 1.9 section 22 half turned; docs/processing.md)."""
 
 
 def choice_settings() -> dict:
