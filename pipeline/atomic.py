@@ -26,7 +26,8 @@ def temp_name(final: Path) -> Path:
 PAUSE_ENV = "SLIDEPIPE_TEST_PAUSE_BEFORE_RENAME"
 """For kill tests only: `<path suffix>[:<seconds>]` makes the writer of a file whose path ends so
 stop for that long (default an hour) with its temporary file written and not yet renamed, after
-saying so on stderr, so a test knows when to kill it mid-write. Unset: no effect."""
+saying so on stderr, so a test knows when to kill it mid-write; `pause_point` names other points
+the same way (e.g. `<slab marker> recorded`: between two slabs). Unset: no effect."""
 
 
 @contextlib.contextmanager
@@ -45,7 +46,7 @@ def atomic_path(final: str | Path, make_parent: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         if os.environ.get(PAUSE_ENV):
-            _pause_for_test(tmp, final)
+            _pause_for_test(final.as_posix(), f"before renaming {tmp} to {final}")
         if tmp.is_dir() and final.is_dir():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -54,13 +55,19 @@ def atomic_path(final: str | Path, make_parent: bool = True) -> Iterator[Path]:
         raise
 
 
-def _pause_for_test(tmp: Path, final: Path) -> None:
+def pause_point(name: str) -> None:
+    """The PAUSE_ENV hook at a point that is not a rename, named like a path (kill tests only)."""
+    if os.environ.get(PAUSE_ENV):
+        _pause_for_test(name, f"at {name}")
+
+
+def _pause_for_test(name: str, where: str) -> None:
     suffix, _, seconds = os.environ[PAUSE_ENV].partition(":")
-    if suffix and final.as_posix().endswith(suffix):
+    if suffix and name.endswith(suffix):
         import sys
         import time
 
-        print(f"slidepipe test hook: pid {os.getpid()} paused before renaming {tmp} to {final}", file=sys.stderr, flush=True)
+        print(f"slidepipe test hook: pid {os.getpid()} paused {where}", file=sys.stderr, flush=True)
         time.sleep(float(seconds or 3600))
 
 

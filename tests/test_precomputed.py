@@ -78,6 +78,14 @@ def read_mip(layer: Path, mip: int) -> np.ndarray:
     return np.asarray(vol[vol.bounds])
 
 
+def read_mip_filled(layer: Path, mip: int) -> np.ndarray:
+    """A level with its background chunks (no file) read as zeros."""
+    from cloudvolume import CloudVolume
+
+    vol = CloudVolume(pc.file_url(layer), mip=mip, progress=False, fill_missing=True)
+    return np.asarray(vol[vol.bounds])
+
+
 def make_step1(src: Path, sections: list[Path], voxel, final_chunk) -> pc.StackShape:
     """The step-1 layer of `sections`, padding included, written in this process."""
     stack = pc.inspect_stack(sections)
@@ -180,20 +188,18 @@ def test_verify_catches_a_wrong_voxel_in_a_valid_shard(layers, tmp_path):
         verify_layer(copy, layer["sections"], sample=None)
 
 
-def test_shard_downsampling_rounds_are_capped_by_the_memory_target():
-    """A brain-sized uint16 level: a round making two 2x2x1 levels at once would read slabs of
-    8192 x 8192 x 16 voxels (2 GiB); one level reads 4096 x 4096 x 16 (512 MiB, the target).
-    Small levels (shards clamped to the level) make every level of the run in one round."""
+def test_shard_shape_of_a_brain_level_and_the_morton_codes_of_a_grid():
+    """igneous's recommended 512 MiB shard of a brain-sized uint16 level is 2048 x 2048 x 64
+    voxels: 4 default slabs deep, so a slab-wise sharded build holds at most 64 sections of loose
+    mip-0 chunks before packing them. The vectorised Morton codes the packer groups chunks by are
+    the verifier's, chunk for chunk."""
+    from pipeline.publish.shards import compressed_morton_code, compressed_morton_codes
+
     brain = plan_pyramid((30000, 20000, 480), (325, 325, 20000), (256, 256, 16))
-    sizes = brain.sizes()
-    assert pc.shard_shape(sizes[1], (256, 256, 16), "uint16", pc.DEFAULT_MEMORY_TARGET) == (2048, 2048, 64)
-    assert pc.shard_round_levels(sizes, (256, 256, 16), 0, 6, (2, 2, 1), "uint16", 1, pc.DEFAULT_MEMORY_TARGET) == 1
-    # from mip 3 (3752 x 2504) the task box is the whole level: 3 levels in a 301 MB slab, not 4
-    assert pc.shard_round_levels(sizes, (256, 256, 16), 3, 3, (2, 2, 1), "uint16", 1, pc.DEFAULT_MEMORY_TARGET) == 3
-    # two channels: one level already reads 601 MB; a round still makes at least one
-    assert pc.shard_round_levels(sizes, (256, 256, 16), 3, 3, (2, 2, 1), "uint16", 2, pc.DEFAULT_MEMORY_TARGET) == 1
-    small = plan_pyramid((1024, 1024, 32), (325, 325, 20000), (256, 256, 16)).sizes()
-    assert pc.shard_round_levels(small, (256, 256, 16), 0, 2, (2, 2, 1), "uint8", 1, pc.DEFAULT_MEMORY_TARGET) == 2
+    assert pc.shard_shape(brain.sizes()[0], (256, 256, 16), "uint16", pc.DEFAULT_MEMORY_TARGET) == (2048, 2048, 64)
+    grid = (5, 3, 9)
+    positions = np.array([(x, y, z) for z in range(9) for y in range(3) for x in range(5)])
+    assert compressed_morton_codes(positions, grid).tolist() == [compressed_morton_code(p, grid) for p in positions]
 
 
 def test_block_mean_floor_truncates_and_averages_the_voxels_of_cut_blocks():
@@ -327,11 +333,12 @@ def test_sharded_layer_same_voxels_as_unsharded_in_few_shard_files(layers):
 
     assert path_stats(dest / result["mips"][0]["key"])[2] == result["mips"][0]["sha256"]
     prov = json.loads((dest / "provenance").read_text())
-    tasks = {p["method"]["task"] for p in prov["processing"]}
-    assert {"ImageShardTransferTask", "ImageShardDownsampleTask"} <= tasks and "TransferTask" not in tasks
     ours = next(p["method"] for p in prov["processing"] if p["method"]["task"] == pc.PROVENANCE_STEP)
     assert ours["sharded"] is True and ours["rounds"] == result["rounds"]
-    assert [r["mips"] for r in result["rounds"]] == [[], [1, 2], [3]]
+    assert [r["mips"] for r in result["rounds"]] == [r["mips"] for r in plain["result"]["rounds"]] == [[1, 2], [3]]
+    shards = ours["shards"]
+    assert shards["shards"] == sum(m["files"] for m in result["mips"]) and shards["chunks"] == sum(
+        m["chunks"] for m in result["mips"]), "the unsharded build's chunks packed, every one indexed"
 
 
 def test_sharded_rgb_through_an_fq_queue_equals_the_unsharded_rgb_layer(layers, tmp_path):
@@ -485,22 +492,23 @@ def test_rechunkme_deleted_only_after_a_verified_transfer(tmp_path):
     assert not list(tmp_path.glob("C1T.tmp-*")), "no half-built layer left behind"
 
 
-@pytest.mark.parametrize("name, slab_chunks", [("grey", 1), ("uint16", 1), ("uint16", 2), ("rgb", 1)])
+@pytest.mark.parametrize("name, slab_chunks", [("grey", 1), ("uint16", 1), ("uint16", 2), ("rgb", 1), ("sharded", 1)])
 def test_slab_wise_publishing_gives_the_same_files_and_voxels_at_every_level(layers, tmp_path, name, slab_chunks):
     """Issue 8.1: one z-slab at a time (step-1 chunks written, transferred, its 2x2x1 levels made,
     verified and deleted before the next slab; the z-halving levels once at the end) gives the
     same chunk files with the same decoded bytes at every level as the whole build: odd sizes
     and z padding (grey), uint16 with two levels per transfer task and a 2x2x2 round, RGB whose
-    every level is its own round."""
+    every level is its own round; sharded: the uint16 stack in 200 kB shards, packed as the slabs
+    complete them, the same shard files holding the same chunks as the whole sharded build."""
     layer = layers[name]
     whole = layer["dest"]
     info = json.loads((whole / "info").read_text())
     chunk = layer["chunk"]
     res = info["scales"][0]["resolution"]
-    memory = {"grey": pc.DEFAULT_MEMORY_TARGET, "uint16": 200_000, "rgb": 10_000}[name]
+    memory = {"grey": pc.DEFAULT_MEMORY_TARGET, "uint16": 200_000, "rgb": 10_000, "sharded": 200_000}[name]
     dest = tmp_path / "C1T"
     out = pc.publish_stack(layer["sections"], dest, res[0] / 1000, res[2] / 1000, chunk_size=chunk, sample=None,
-                           slab_depth=chunk[2] * slab_chunks, memory_target=memory)
+                           slab_depth=chunk[2] * slab_chunks, memory_target=memory, sharded=name == "sharded")
     size_z = info["scales"][0]["size"][2]
     assert len(out["plan"]["factors"]) == len(info["scales"]) - 1
     assert [tuple(z) for z in json.loads((dest / "provenance").read_text())["processing"][-1]["method"]["slabs"]] \
@@ -813,6 +821,20 @@ def test_slab_wise_publishing_with_background_chunks_gives_the_same_files(masked
     dest = tmp_path / "C1T"
     pc.publish_stack(masked["sections"], dest, 5, 20, chunk_size=(32, 32, 2), sample=None, slab_depth=2)
     assert decoded_chunk_files(dest) == decoded_chunk_files(masked["dest"])
+
+
+def test_sharded_slab_wise_publishing_stores_background_chunks_as_zeros(masked, tmp_path):
+    """A background chunk has no file in the unsharded build; packed into a shard it is a gzip
+    chunk of zeros (as igneous's shard tasks stored every chunk), so every expected chunk is
+    indexed and every level decodes to the unsharded layer's voxels (missing chunks as zeros)."""
+    dest = tmp_path / "C1T"
+    out = pc.publish_stack(masked["sections"], dest, 5, 20, chunk_size=(32, 32, 2), sample=None, slab_depth=2,
+                           sharded=True, shard_bytes=16384)
+    assert out["sharded"] and all(m["chunks"] == m["expected_chunks"] and m["files"] > 1 for m in out["mips"][:1])
+    prov = json.loads((dest / "provenance").read_text())["processing"][-1]["method"]
+    assert prov["shards"]["background_chunks"] == sum(m["background_chunks"] for m in masked["result"]["mips"])
+    for mip in range(len(out["mips"])):
+        assert np.array_equal(read_mip(dest, mip), read_mip_filled(masked["dest"], mip)), f"mip {mip}"
 
 
 @pytest.mark.apache

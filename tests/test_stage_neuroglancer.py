@@ -433,3 +433,80 @@ def test_temporary_files_are_bounded_by_one_slab_whatever_the_stack_depth(tmp_pa
         assert np.array_equal(read_mip0(layout.precomputed_layer(1, True))[:64, :64, :depth], stack_of(paths))
         peaks[depth] = tuple(peak)
     assert peaks[32] == peaks[64] == (16 * 16, 16 * 16 * 16 * 16), peaks
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["unsharded", "sharded"])
+def test_a_sigkill_between_slabs_resumes_to_the_all_at_once_build(tmp_path, sqlite_url, sharded):
+    """The stage through the real CLI in its own process group, SIGKILLed between slab 2 and slab
+    3 of three (slab 2 transferred, verified, its step-1 chunks deleted, its marker recorded: the
+    test-only pause point `<slab marker> recorded`), then run again. The rerun runs slab 3 and
+    the layer only (finished slabs are not redone, their published files keep their mtimes),
+    leaves no temporary file, records the killed run as failed, and the layer decodes chunk for
+    chunk to the same stack published all at once. Sharded: 4 KB shards (2x2x2 chunks, two
+    slabs deep), so slab 2 had packed shards of mip 0 before the kill."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.atomic import PAUSE_ENV, is_temp
+    from pipeline.publish import precomputed as pc
+
+    layout = AnimalLayout(tmp_path / "data", ANIMAL)
+    paths = place_aligned(layout, seed_animal(sqlite_url, 6), 70, 70, db_url=sqlite_url)
+    flags = ["--chunk-size", "16,16,2", "--slab-depth", "2", "--verify-sample", "0"]
+    flags += ["--sharded", "--shard-bytes", "4096"] if sharded else []
+    partial = layout.precomputed_partial(1, True)
+    slab_markers = layout.precomputed_slab_markers(1, True)
+    log = tmp_path / "killed.log"
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, PAUSE_ENV: "z00002-00004.json recorded",
+           "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--animal", ANIMAL, "--task", "neuroglancer",
+                                 "--channel", "1", "--data-root", str(tmp_path / "data"), "--db-url", sqlite_url,
+                                 "--workers", "2", *flags], env=env, start_new_session=True, stdout=out,
+                                stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while "slidepipe test hook" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"the stage ended before the pause point: {log.read_text()}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    killed = last_run(sqlite_url)
+    assert killed.status == "running", "SIGKILL: nothing ran a finally"
+    assert sorted(p.name for p in slab_markers.glob("z*.json")) == ["z00000-00002.json", "z00002-00004.json"]
+    temp = layout.precomputed_layer(1, True, rechunkme=True)
+    key0 = json.loads((partial / "info").read_text())["scales"][0]["key"]
+    assert not list((temp / key0).iterdir()), "both finished slabs' step-1 chunks were deleted, slab 3 not begun"
+    before = {p.name: p.stat().st_mtime_ns for p in (partial / key0).iterdir()}
+    assert any(n.endswith(".shard") for n in before) == sharded, "sharded: shards complete below z 4 are packed"
+
+    assert cli(tmp_path, sqlite_url, *flags) == 0
+    run = last_run(sqlite_url)
+    # run: sections 4 and 5, slab 3, the layer; skipped: slabs 1-2
+    assert (run.tasks_run, run.tasks_skipped) == (4, 2)
+    layer = layout.precomputed_layer(1, True)
+    after = {p.name: p.stat().st_mtime_ns for p in (layer / key0).iterdir()}
+    kept = [n for n in before if not n.endswith(".gz") or not sharded]  # sharded: loose chunks were packed since
+    assert kept and {n: after[n] for n in kept} == {n: before[n] for n in kept}, "finished slabs not written again"
+    assert not temp.exists() and [p for p in (tmp_path / "data").rglob("*") if is_temp(p)] == []
+    engine = init_db(sqlite_url)
+    with session_scope(engine) as s:
+        row = s.get(PipelineRun, killed.id)
+        assert row.status == "failed" and ("killed" in row.error or "taken over" in row.error), row.error
+    engine.dispose()
+
+    whole = tmp_path / "whole" / "C1T"
+    pc.publish_stack(paths, whole, 10.4, 20, chunk_size=(16, 16, 2), sample=None, sharded=sharded,
+                     shard_bytes=4096 if sharded else None)
+    assert json.loads((layer / "info").read_text()) == json.loads((whole / "info").read_text())
+    got, want = decoded_chunk_files(layer), decoded_chunk_files(whole)
+    assert got.keys() == want.keys() and [k for k in want if got[k] != want[k]] == []
+    assert len(want) > 3 * 25, "every level's chunks compared"
+    verify_layer(layer, paths, sample=None)

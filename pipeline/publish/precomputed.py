@@ -10,6 +10,8 @@ Two steps, as in the lab pipeline this replaces, because they parallelise differ
 
 The final layer is written under a temporary name, verified (`pipeline.publish.validate`), given
 its provenance file and only then renamed into place; the temporary layer is deleted after that.
+Sharded layers are the same build, its gzip chunk files then packed into shard files
+(`pack_shards`), slab by slab in a slab-wise build.
 See docs/format-precomputed.md for the choices (chunking, pyramid rule, RGB, gzip naming).
 """
 
@@ -29,7 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, remove_stale_temps
 from pipeline.imaging.pyramid import PyramidPlan, plan_pyramid
 from pipeline.publish.common import (
     GZIP_LEVEL, PROVENANCE_STEP, ROW_BAND_BYTES, PrecomputedError, SectionRows, open_section, stack_windows,
@@ -318,11 +320,8 @@ def slab_levels(plan: PyramidPlan) -> int:
 
 def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_size: Sequence[int] = DEFAULT_CHUNK,
                             max_mips: int | None = None, workers: int = 1, queue_url: str | None = None,
-                            memory_target: int = DEFAULT_MEMORY_TARGET, sharded: bool = False,
-                            z_range: Sequence[int] | None = None) -> dict:
+                            memory_target: int = DEFAULT_MEMORY_TARGET, z_range: Sequence[int] | None = None) -> dict:
     """Rechunk the step-1 layer into a gzip layer and build its pyramid with igneous.
-
-    `sharded`: every mip in igneous's sharded format (`_sharded_rounds`) instead of a file per chunk.
 
     Rounds: the transfer itself also makes the first 2x2x1 levels (as many as a task of
     `memory_target` bytes holds); each further round is one igneous downsampling job that starts
@@ -345,9 +344,9 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
     bounds = None
     if z_range is not None:
         z0, z1 = (int(v) for v in z_range)
-        if z0 % chunk[2] or not 0 <= z0 < z1 <= plan.size[2] or sharded:
-            raise PrecomputedError(f"cannot build the slab z {z0}..{z1} (chunk z {chunk[2]}, size {list(plan.size)}"
-                                   f"{', sharded' if sharded else ''})", dest_dir)
+        if z0 % chunk[2] or not 0 <= z0 < z1 <= plan.size[2]:
+            raise PrecomputedError(f"cannot build the slab z {z0}..{z1} (chunk z {chunk[2]}, size {list(plan.size)})",
+                                   dest_dir)
         from cloudvolume.lib import Bbox
 
         bounds = Bbox((0, 0, z0), (plan.size[0], plan.size[1], z1))
@@ -358,9 +357,6 @@ def transfer_and_downsample(src_dir: str | Path, dest_dir: str | Path, chunk_siz
     started = time.perf_counter()
     queue_url, queue_name = build_queue(queue_url, dest_dir.name) if queue_url else (None, "")
     try:
-        if sharded:
-            return _sharded_build(src_url, dest_url, dest_dir, plan, runs, chunk, memory_target, workers, queue_url,
-                                  queue_name, started)
         return _transfer_and_downsample(src_url, dest_url, dest_dir, plan, runs, chunk, shape, in_transfer,
                                         memory_target, workers, queue_url, queue_name, started, bounds)
     finally:
@@ -418,72 +414,24 @@ def _downsample_rounds(dest_dir: Path, runs, made: int, kind: str, workers, queu
     return rounds
 
 
-def shard_shape(size: Sequence[int], chunk: Sequence[int], dtype: str, memory_target: int) -> tuple[int, int, int]:
-    """The voxel box of one shard igneous gives a level of `size` (its own recommended spec for
-    shards of `memory_target` uncompressed bytes of one channel, as its tasks compute it)."""
-    from igneous.shards import image_shard_shape_from_spec
+def level_sharding(size: Sequence[int], chunk: Sequence[int], dtype: str, shard_bytes: int) -> dict:
+    """The sharding spec of a level of `size` voxels: igneous's own recommendation for shards of
+    `shard_bytes` uncompressed bytes of one channel (`create_sharded_image_info`; by default the
+    memory target, 512 MiB, as igneous's shard tasks used). Packing streams chunk by chunk
+    (`pack_shards`), so the shard size sets nobody's memory, only the file count and how many
+    sections of loose chunk files wait for their shard in a slab-wise build."""
     from igneous.task_creation.image import create_sharded_image_info
 
-    spec = create_sharded_image_info(dataset_size=list(size), chunk_size=list(chunk), encoding="raw", dtype=dtype,
-                                     uncompressed_shard_bytesize=int(memory_target))
+    return create_sharded_image_info(dataset_size=list(size), chunk_size=list(chunk), encoding="raw", dtype=dtype,
+                                     uncompressed_shard_bytesize=int(shard_bytes))
+
+
+def shard_shape(size: Sequence[int], chunk: Sequence[int], dtype: str, shard_bytes: int) -> tuple[int, int, int]:
+    """The voxel box of one shard of a level of `size` (`level_sharding`)."""
+    from igneous.shards import image_shard_shape_from_spec
+
+    spec = level_sharding(size, chunk, dtype, shard_bytes)
     return tuple(int(v) for v in image_shard_shape_from_spec(spec, list(size), list(chunk)))  # type: ignore[return-value]
-
-
-def shard_round_levels(sizes: Sequence[Sequence[int]], chunk: Sequence[int], first: int, most: int,
-                       factor: Sequence[int], dtype: str, channels: int, memory_target: int) -> int:
-    """How many levels (1..most) one igneous shard-downsampling round from mip `first` may make.
-
-    Its task covers, at mip `first`, the widest shard of the levels it makes scaled back by the
-    factor (x factor**i for level first+i, clamped to the level), and reads that box a z-slab of
-    chunk_z * factor_z**n at a time: n is the largest count keeping that slab within
-    `memory_target` (at least 1). Without this cap one round of six 2x2x1 levels of a
-    30000 x 20000 section would read the whole section plane 16 z deep (19 GB of uint16) at once.
-    """
-    itemsize = np.dtype(dtype).itemsize
-    best = 1
-    for n in range(1, most + 1):
-        box = [0, 0]
-        for i in range(1, n + 1):
-            shape = shard_shape(sizes[first + i], chunk, dtype, memory_target)
-            box = [max(b, shape[a] * int(factor[a]) ** i) for a, b in enumerate(box)]
-        slab = (min(box[0], sizes[first][0]) * min(box[1], sizes[first][1]) * chunk[2] * int(factor[2]) ** n
-                * itemsize * channels)
-        if slab > memory_target:
-            break
-        best = n
-    return best
-
-
-def _sharded_build(src_url, dest_url, dest_dir: Path, plan, runs, chunk, memory_target, workers, queue_url,
-                   queue_name, started) -> dict:
-    """igneous's own sharded tasks: `create_image_shard_transfer_tasks` writes mip 0 (one task per
-    shard, no levels), then `create_image_shard_downsample_tasks` rounds build the pyramid, each
-    from the highest level made so far, as many levels of one factor as `shard_round_levels`
-    allows within `memory_target` (igneous may cap a round further, so that its task's box covers
-    whole shards of every level it makes). Shard size: `memory_target` bytes of uncompressed
-    chunks per channel, igneous's own recommendation for the spec."""
-    import igneous.task_creation as tc
-
-    with _prints_to_log():
-        tasks = list(tc.create_image_shard_transfer_tasks(
-            src_url, dest_url, chunk_size=list(chunk), encoding="raw", compress="gzip", fill_missing=False,
-            memory_target=memory_target,
-        ))
-    count = run_tasks(tasks, workers=workers, queue_url=queue_url)
-    made = _scale_count(dest_dir) - 1
-    if made:
-        raise PrecomputedError(f"the sharded transfer left {made} levels above mip 0 (expected none)", dest_dir)
-    rounds: list[dict] = [{"kind": "shard-transfer", "from_mip": 0, "mips": [], "tasks": count}]
-    transfer_seconds = time.perf_counter() - started
-    dest_info = read_info(dest_dir)
-    dtype, channels, sizes = dest_info["data_type"], int(dest_info["num_channels"]), plan.sizes()
-    rounds += _downsample_rounds(
-        dest_dir, runs, made, "shard-downsample", workers, queue_url,
-        lambda mip, wanted, factor: tc.create_image_shard_downsample_tasks(
-            dest_url, mip=mip, num_mips=shard_round_levels(sizes, chunk, mip, wanted, factor, dtype, channels, memory_target),
-            factor=factor, fill_missing=False, memory_target=memory_target, encoding="raw",
-        ))
-    return _built(dest_dir, plan, chunk, rounds, queue_name, transfer_seconds, started, sharded=True)
 
 
 def _built(dest_dir: Path, plan: PyramidPlan, chunk, rounds, queue_name, transfer_seconds, started, sharded) -> dict:
@@ -517,6 +465,120 @@ def _check_scales(layer_dir: Path, plan: PyramidPlan, chunk: Sequence[int], shar
             problems.append("sharded" if scale.get("sharding") else "not sharded")
         if problems:
             raise PrecomputedError(f"mip {mip}: " + "; ".join(problems), layer_dir / "info")
+
+
+# ------------------------------------------------------------------------------------------
+# sharded layers: the unsharded build's gzip chunk files packed into shard files
+def pack_shards(layer_dir: str | Path, mips: Iterable[int], shard_bytes: int = DEFAULT_MEMORY_TARGET,
+                z_done: int | None = None, delete: bool = True) -> dict:
+    """Pack the gzip chunk files of levels `mips` into `level_sharding` shard files.
+
+    Only shards whose every chunk lies below z `z_done` (None: all) and that are not packed yet;
+    after a shard is renamed into place its chunk files go (`delete`). A chunk without a file is
+    background that the verification of its level has already accepted (`delete_black_uploads`),
+    stored as a gzip chunk of zeros, as igneous's shard tasks store every chunk. Memory: one chunk
+    at a time, whatever the shard size. The info is not changed (`mark_sharded`), so igneous still
+    reads the levels unsharded while the build goes on."""
+    from pipeline.publish.shards import (
+        compressed_morton_codes, grid_size, shard_file_name, shards_and_minishards, write_shard,
+    )
+    from pipeline.publish.validate import expected_chunks
+
+    layer_dir = Path(layer_dir)
+    info = read_info(layer_dir)
+    voxel_bytes = np.dtype(info["data_type"]).itemsize * int(info["num_channels"])
+    zeros: dict[int, bytes] = {}
+    packed = {"shards": 0, "bytes": 0, "chunks": 0, "background_chunks": 0}
+    for mip in mips:
+        scale = info["scales"][mip]
+        chunk = scale["chunk_sizes"][0]
+        spec = level_sharding(scale["size"], chunk, info["data_type"], shard_bytes)
+        folder = layer_dir / scale["key"]
+        folder.mkdir(exist_ok=True)
+        remove_stale_temps(folder)  # a shard a killed run was writing
+        chunks = list(expected_chunks(scale))
+        offset = scale.get("voxel_offset", [0, 0, 0])
+        positions = np.array([[(c.start[a] - offset[a]) // chunk[a] for a in range(3)] for c in chunks])
+        ids = compressed_morton_codes(positions, grid_size(scale))
+        shards, _ = shards_and_minishards(ids, spec)
+        groups: dict[int, list] = {}
+        for c, chunk_id, shard in zip(chunks, ids.tolist(), shards.tolist()):
+            groups.setdefault(shard, []).append((chunk_id, c))
+        for shard, members in sorted(groups.items()):
+            if z_done is not None and max(c.stop[2] for _, c in members) > z_done:
+                continue
+            path = folder / shard_file_name(shard, spec)
+            if path.exists():
+                continue
+            with atomic_path(path, make_parent=False) as tmp:
+                packed["bytes"] += write_shard(tmp, spec, [
+                    (chunk_id, lambda c=c: _gzip_chunk(folder, c, voxel_bytes, zeros, packed)) for chunk_id, c in members])
+            packed["shards"] += 1
+            packed["chunks"] += len(members)
+            if delete:
+                for _, c in members:
+                    (folder / (c.name + ".gz")).unlink(missing_ok=True)
+    return packed
+
+
+def _gzip_chunk(folder: Path, chunk, voxel_bytes: int, zeros: dict[int, bytes], counts: dict) -> bytes:
+    import gzip
+
+    try:
+        return (folder / (chunk.name + ".gz")).read_bytes()
+    except FileNotFoundError:
+        pass
+    length = int(np.prod(chunk.shape)) * voxel_bytes
+    if length not in zeros:
+        zeros[length] = gzip.compress(bytes(length), compresslevel=GZIP_LEVEL, mtime=0)
+    counts["background_chunks"] += 1
+    return zeros[length]
+
+
+def mark_sharded(layer_dir: str | Path, shard_bytes: int = DEFAULT_MEMORY_TARGET) -> None:
+    """Give every level of the info its `level_sharding` spec (after `pack_shards` packed them all)."""
+    info = read_info(layer_dir)
+    for scale in info["scales"]:
+        scale["sharding"] = level_sharding(scale["size"], scale["chunk_sizes"][0], info["data_type"], shard_bytes)
+    write_info(layer_dir, info)
+
+
+def drop_chunk_files(layer_dir: str | Path) -> int:
+    """Delete what is not a shard file in a sharded layer's level folders (chunk files kept for a
+    resumable finish, or rewritten by a slab done again after its shards were packed)."""
+    removed = 0
+    for scale in read_info(layer_dir)["scales"]:
+        folder = Path(layer_dir) / scale["key"]
+        for entry in os.scandir(folder) if folder.is_dir() else ():
+            if entry.is_file() and not entry.name.endswith(".shard"):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
+def _shard_built_layer(layer_dir: Path, plan: PyramidPlan, chunk, sections, built: dict, sample: int | None,
+                       shard_bytes: int, verify_mips: Sequence[int], keep: Sequence[int] = (),
+                       before_mark=None) -> None:
+    """The unsharded levels `verify_mips` verified (so every missing chunk file is proven
+    background before it is packed as zeros), every level packed (the chunk files of levels
+    `keep` deleted only once the info says sharded), the info marked, the chunk files dropped.
+    `before_mark(built)` is called with the finished record just before the info is marked."""
+    started = time.perf_counter()
+    verify_layer(layer_dir, sections, rounds=built["rounds"], sample=sample, mips=list(verify_mips))
+    count = len(read_info(layer_dir)["scales"])
+    packed = pack_shards(layer_dir, [m for m in range(count) if m not in keep], shard_bytes)
+    kept = pack_shards(layer_dir, list(keep), shard_bytes, delete=False)
+    built["sharded"] = True
+    built.setdefault("shards", {k: 0 for k in packed})
+    for totals in (packed, kept):
+        for k, v in totals.items():
+            built["shards"][k] += v
+    built["seconds"]["shard"] = round(time.perf_counter() - started, 3)
+    if before_mark is not None:
+        before_mark(built)
+    mark_sharded(layer_dir, shard_bytes)
+    drop_chunk_files(layer_dir)
+    _check_scales(layer_dir, plan, chunk, sharded=True)
 
 
 # ------------------------------------------------------------------------------------------
@@ -577,7 +639,7 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
                   queue_url: str | None = None, keep_rechunkme: bool = False, sample: int | None = 32,
                   description: str = "", params: Mapping[str, Any] | None = None,
                   memory_target: int = DEFAULT_MEMORY_TARGET, root: str | Path | None = None,
-                  sharded: bool = False) -> dict:
+                  sharded: bool = False, shard_bytes: int | None = None) -> dict:
     """Step 2 + verification + provenance, then the atomic rename and the step-1 cleanup.
 
     The final layer is built under a temporary name next to `dest_dir`, so an interrupted or
@@ -593,7 +655,11 @@ def publish_layer(src_dir: str | Path, dest_dir: str | Path, sections: Sequence[
     window_seconds = round(time.perf_counter() - started, 3)
     with atomic_path(dest_dir) as tmp:
         built = transfer_and_downsample(src_dir, tmp, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
-                                        queue_url=queue_url, memory_target=memory_target, sharded=sharded)
+                                        queue_url=queue_url, memory_target=memory_target)
+        if sharded:
+            plan, chunk = _transfer_plan(Path(src_dir), chunk_size, max_mips, memory_target)[:2]
+            _shard_built_layer(tmp, plan, chunk, sections, built, sample, shard_bytes or memory_target,
+                               verify_mips=range(plan.num_mips))
         report = _provenance_and_verify(tmp, dest_dir, sections, stack, built, window, window_seconds, sample,
                                         description, params)
     return _published(src_dir, dest_dir, tmp, sections, built, report, window, keep_rechunkme, root)
@@ -677,15 +743,24 @@ def prepare_slab_build(partial_dir: str | Path, markers_dir: str | Path, stamp: 
 def publish_slab(src_dir: str | Path, partial_dir: str | Path, sections: Sequence[str | Path], z0: int, z1: int, *,
                  chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None, workers: int = 1,
                  queue_url: str | None = None, sample: int | None = 32,
-                 memory_target: int = DEFAULT_MEMORY_TARGET) -> dict:
+                 memory_target: int = DEFAULT_MEMORY_TARGET, sharded: bool = False,
+                 shard_bytes: int | None = None) -> dict:
     """Transfer one slab of the step-1 layer into the partial layer, make its z-keeping levels
-    and verify them against the sections, so its step-1 chunks may be deleted next."""
+    and verify them against the sections, so its step-1 chunks may be deleted next.
+
+    `sharded`: then pack the shards that this slab completes (every chunk below z1) of the
+    levels below the last slab level (`pack_shards`; the finishing step reads that last level's
+    chunk files), so loose chunk files never span more than a shard's depth."""
     built = transfer_and_downsample(src_dir, partial_dir, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
                                     queue_url=queue_url, memory_target=memory_target, z_range=(z0, z1))
     started = time.perf_counter()
     report = verify_layer(partial_dir, sections, rounds=built["rounds"], sample=sample,
                           mips=range(built["levels"] + 1), z_range=(z0, z1))
     built["seconds"]["verify"] = round(time.perf_counter() - started, 3)
+    if sharded:
+        started = time.perf_counter()
+        built["shards"] = pack_shards(partial_dir, range(built["levels"]), shard_bytes or memory_target, z_done=z1)
+        built["seconds"]["shard"] = round(time.perf_counter() - started, 3)
     return {"z": [int(z0), int(z1)], **built, "verified": report["checked"]}
 
 
@@ -732,24 +807,69 @@ def _trim_scales(layer_dir: Path, levels: int) -> None:
         write_info(layer_dir, info)
 
 
+SHARDED_STATE = "slidepipe_sharded.json"
+"""In the step-1 layer, while a sharded finishing step ends: its build record, written just before
+the partial layer's info says sharded. From then on the last slab level's chunk files may be
+gone, so a finishing step resumed after a kill takes the levels above it as recorded here."""
+
+
 def finish_slab_build(src_dir: str | Path, partial_dir: str | Path, dest_dir: str | Path,
                       sections: Sequence[str | Path], slabs: Sequence[Mapping[str, Any]], *,
                       chunk_size: Sequence[int] = DEFAULT_CHUNK, max_mips: int | None = None, workers: int = 1,
                       queue_url: str | None = None, keep_rechunkme: bool = False, sample: int | None = 32,
                       description: str = "", params: Mapping[str, Any] | None = None,
-                      memory_target: int = DEFAULT_MEMORY_TARGET, root: str | Path | None = None) -> dict:
+                      memory_target: int = DEFAULT_MEMORY_TARGET, root: str | Path | None = None,
+                      sharded: bool = False, shard_bytes: int | None = None) -> dict:
     """After every slab: the levels that halve z, from the last slab-wise level of the whole
     volume (small: 1/4**levels of mip 0), then provenance, verification of the whole layer, the
-    rename into place and the step-1 layer's deletion, as `publish_layer` does."""
-    src_dir, partial_dir, dest_dir = Path(src_dir), Path(partial_dir), Path(dest_dir)
-    import igneous.task_creation as tc
+    rename into place and the step-1 layer's deletion, as `publish_layer` does.
 
+    `sharded`: the slabs packed the shards of their levels below the last slab level (verified by
+    the slabs, as that level was); here the levels above it are verified unsharded (they are read
+    from it), then it and they are packed and the info is marked sharded."""
+    src_dir, partial_dir, dest_dir = Path(src_dir), Path(partial_dir), Path(dest_dir)
     stack = inspect_stack(sections)
     started = time.perf_counter()
     window = stack_windows(sections)[0]
     window_seconds = round(time.perf_counter() - started, 3)
     plan, chunk, runs, _, _ = _transfer_plan(src_dir, chunk_size, max_mips, memory_target)
     levels, rounds = _merged_slab_rounds(slabs, partial_dir)
+    state = src_dir / SHARDED_STATE
+    if sharded and state.is_file() and all(scale.get("sharding") for scale in read_info(partial_dir)["scales"]):
+        built = json.loads(state.read_text())  # killed after the info was marked: only cleaning up was left
+        drop_chunk_files(partial_dir)
+        _check_scales(partial_dir, plan, chunk, sharded=True)
+    else:
+        built = _finish_levels(partial_dir, dest_dir, plan, chunk, runs, levels, rounds, slabs, workers, queue_url,
+                               memory_target)
+        if sharded:
+            built["shards"] = {k: sum(s.get("shards", {}).get(k, 0) for s in slabs)
+                               for k in ("shards", "bytes", "chunks", "background_chunks")}
+
+            def record(done: dict) -> None:
+                with atomic_path(state) as tmp:
+                    tmp.write_text(json.dumps(done))
+
+            _shard_built_layer(partial_dir, plan, chunk, sections, built, sample, shard_bytes or memory_target,
+                               verify_mips=range(levels + 1, plan.num_mips), keep=[levels], before_mark=record)
+    try:
+        report = _provenance_and_verify(partial_dir, dest_dir, sections, stack, built, window, window_seconds, sample,
+                                        description, params)
+    except LayerVerificationError:
+        shutil.rmtree(partial_dir, ignore_errors=True)  # a wrong layer is never resumed
+        raise
+    if dest_dir.is_dir():
+        shutil.rmtree(dest_dir)
+    os.replace(partial_dir, dest_dir)
+    state.unlink(missing_ok=True)
+    return _published(src_dir, dest_dir, partial_dir, sections, built, report, window, keep_rechunkme, root)
+
+
+def _finish_levels(partial_dir: Path, dest_dir: Path, plan: PyramidPlan, chunk, runs, levels: int, rounds, slabs,
+                   workers, queue_url, memory_target) -> dict:
+    """The igneous rounds of the levels above the slab levels, over the whole partial layer."""
+    import igneous.task_creation as tc
+
     _trim_scales(partial_dir, levels)
     started = time.perf_counter()
     queue_url, queue_name = build_queue(queue_url, dest_dir.name) if queue_url else (None, "")
@@ -764,19 +884,11 @@ def finish_slab_build(src_dir: str | Path, partial_dir: str | Path, dest_dir: st
             ))
     finally:
         remove_build_queue(queue_url, queue_name)
-    slab_seconds = sum(float(s["seconds"]["total"]) + float(s["seconds"].get("verify", 0)) for s in slabs)
+    slab_seconds = sum(float(s["seconds"]["total"]) + float(s["seconds"].get("verify", 0))
+                       + float(s["seconds"].get("shard", 0)) for s in slabs)
     built = _built(partial_dir, plan, chunk, rounds, queue_name, slab_seconds, started, sharded=False)
     built["slabs"] = [list(s["z"]) for s in slabs]
-    try:
-        report = _provenance_and_verify(partial_dir, dest_dir, sections, stack, built, window, window_seconds, sample,
-                                        description, params)
-    except LayerVerificationError:
-        shutil.rmtree(partial_dir, ignore_errors=True)  # a wrong layer is never resumed
-        raise
-    if dest_dir.is_dir():
-        shutil.rmtree(dest_dir)
-    os.replace(partial_dir, dest_dir)
-    return _published(src_dir, dest_dir, partial_dir, sections, built, report, window, keep_rechunkme, root)
+    return built
 
 
 def _common_root(layer_dir: Path, sections: Sequence[str | Path]) -> Path:
@@ -817,7 +929,7 @@ def publish_stack(sections: Sequence[str | Path], dest_dir: str | Path, xy_um: f
                   max_mips: int | None = None, workers: int = 1, queue_url: str | None = None,
                   keep_rechunkme: bool = False, sample: int | None = 32, rechunkme_dir: str | Path | None = None,
                   description: str = "", sharded: bool = False, slab_depth: int | None = None,
-                  memory_target: int = DEFAULT_MEMORY_TARGET) -> dict:
+                  memory_target: int = DEFAULT_MEMORY_TARGET, shard_bytes: int | None = None) -> dict:
     """Both steps in this process, for scripts, tests and the benchmark.
 
     `slab_depth` (sections, a multiple of the chunk z): step 1, transfer, z-keeping levels and
@@ -829,7 +941,7 @@ def publish_stack(sections: Sequence[str | Path], dest_dir: str | Path, xy_um: f
     voxel = voxel_size_nm(xy_um, z_um)
     create_rechunkme_layer(src_dir, stack, voxel, chunk_size, max_mips, rechunk_chunk_size)
     size_z = int(read_info(src_dir)["scales"][0]["size"][2])
-    slabs = [] if sharded else slab_ranges(size_z, int(chunk_size[2]), slab_depth)
+    slabs = slab_ranges(size_z, int(chunk_size[2]), slab_depth)
     options = dict(chunk_size=chunk_size, max_mips=max_mips, workers=workers, queue_url=queue_url, sample=sample,
                    memory_target=memory_target)
     params = {"xy_um": xy_um, "z_um": z_um, "chunk_size": list(chunk_size), "max_mips": max_mips, "sharded": sharded}
@@ -840,15 +952,17 @@ def publish_stack(sections: Sequence[str | Path], dest_dir: str | Path, xy_um: f
         for z0, z1 in slabs:
             for z in range(z0, z1):
                 _write_stack_plane(src_dir, sections, stack, z)
-            done.append(publish_slab(src_dir, partial, sections, z0, z1, **options))
+            done.append(publish_slab(src_dir, partial, sections, z0, z1, sharded=sharded, shard_bytes=shard_bytes,
+                                     **options))
             if not keep_rechunkme:
                 delete_rechunkme_slab(src_dir, z0, z1)
         return finish_slab_build(src_dir, partial, dest_dir, sections, done, keep_rechunkme=keep_rechunkme,
-                                 description=description, params=params, **options)
+                                 description=description, params=params, sharded=sharded, shard_bytes=shard_bytes,
+                                 **options)
     for z in range(size_z):
         _write_stack_plane(src_dir, sections, stack, z)
     return publish_layer(src_dir, dest_dir, sections, keep_rechunkme=keep_rechunkme, description=description,
-                         sharded=sharded, params=params, **options)
+                         sharded=sharded, shard_bytes=shard_bytes, params=params, **options)
 
 
 def _write_stack_plane(src_dir: Path, sections: Sequence[str | Path], stack: StackShape, z: int) -> None:

@@ -1,7 +1,9 @@
-"""Reading Neuroglancer's sharded precomputed image chunks from the format spec (no cloud-volume).
+"""Neuroglancer's sharded precomputed image chunks, from the format spec (no cloud-volume).
 
-The verifier (`pipeline.publish.validate`) decodes what igneous wrote with these functions, so a
-writer bug cannot hide behind the same library's reader. Format (neuroglancer
+`write_shard` packs gzip chunks (the unsharded build's own files) into a shard file, streaming,
+so memory does not depend on the shard's size; the verifier (`pipeline.publish.validate`) decodes
+shards with the readers here, and the independent readers in the tests (tensorstore,
+Neuroglancer, cloud-volume) read what `write_shard` wrote. Format (neuroglancer
 `src/datasource/precomputed/sharded.md`, `volume.md`):
 
 - a chunk's id is the compressed Morton code of its grid position; `identity` hash of
@@ -20,7 +22,7 @@ import gzip
 import math
 import zlib
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,6 +44,67 @@ def compressed_morton_code(position: Sequence[int], grid_size: Sequence[int]) ->
                 code |= ((int(position[axis]) >> bit) & 1) << out
                 out += 1
     return code
+
+
+def compressed_morton_codes(positions: np.ndarray, grid_size: Sequence[int]) -> np.ndarray:
+    """`compressed_morton_code` of many grid positions at once ((n, 3) ints -> n uint64)."""
+    positions = np.asarray(positions, dtype=np.uint64).reshape(-1, 3)
+    bits = [(int(n) - 1).bit_length() for n in grid_size]
+    codes = np.zeros(len(positions), dtype=np.uint64)
+    out = 0
+    for bit in range(max(bits, default=0)):
+        for axis in range(3):
+            if bit < bits[axis]:
+                codes |= ((positions[:, axis] >> np.uint64(bit)) & np.uint64(1)) << np.uint64(out)
+                out += 1
+    return codes
+
+
+def shards_and_minishards(chunk_ids: np.ndarray, spec: Mapping) -> tuple[np.ndarray, np.ndarray]:
+    """`shard_and_minishard` of many chunk ids at once."""
+    _check_spec(spec)
+    hashed = np.asarray(chunk_ids, dtype=np.uint64) >> np.uint64(int(spec["preshift_bits"]))
+    minishard = hashed & np.uint64((1 << int(spec["minishard_bits"])) - 1)
+    shard = (hashed >> np.uint64(int(spec["minishard_bits"]))) & np.uint64((1 << int(spec["shard_bits"])) - 1)
+    return shard, minishard
+
+
+def write_shard(path: Path, spec: Mapping, chunks: Iterable[tuple[int, Callable[[], bytes]]]) -> int:
+    """Write one shard file at `path` from (chunk id, function returning the chunk's data already
+    encoded as `data_encoding` says) pairs, which must all belong to that shard. Chunk data goes
+    out one chunk at a time, minishard by minishard in id order; then the minishard indexes; the
+    shard index is written last at the start. Returns the file's size."""
+    _check_spec(spec)
+    minishard_bits = int(spec["minishard_bits"])
+    by_minishard: dict[int, list[tuple[int, Callable[[], bytes]]]] = {}
+    for chunk_id, data in chunks:
+        by_minishard.setdefault(shard_and_minishard(int(chunk_id), spec)[1], []).append((int(chunk_id), data))
+    index_bytes = 16 * (1 << minishard_bits)
+    shard_index = np.zeros((1 << minishard_bits, 2), dtype="<u8")
+    tables: list[tuple[int, np.ndarray]] = []
+    with open(path, "wb") as handle:
+        handle.write(bytes(index_bytes))
+        position = 0  # from the end of the shard index
+        for minishard in sorted(by_minishard):
+            members = sorted(by_minishard[minishard], key=lambda m: m[0])
+            table = np.zeros((3, len(members)), dtype="<u8")
+            previous_id, previous_end = 0, 0
+            for i, (chunk_id, data) in enumerate(members):
+                payload = data()
+                table[:, i] = (chunk_id - previous_id, position - previous_end, len(payload))
+                handle.write(payload)
+                previous_id, previous_end = chunk_id, position + len(payload)
+                position = previous_end
+            tables.append((minishard, table))
+        for minishard, table in tables:
+            raw = table.tobytes()
+            encoded = gzip.compress(raw, mtime=0) if spec.get("minishard_index_encoding", "raw") == "gzip" else raw
+            shard_index[minishard] = (position, position + len(encoded))
+            handle.write(encoded)
+            position += len(encoded)
+        handle.seek(0)
+        handle.write(shard_index.tobytes())
+    return index_bytes + position
 
 
 def _check_spec(spec: Mapping) -> None:

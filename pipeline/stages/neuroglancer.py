@@ -4,8 +4,8 @@
 as C<c>, under www/neuroglancer_data/. Step 1 (one runner task per section) writes the
 temporary C<c>[T]_rechunkme layer; step 2 (one runner task for the layer) runs igneous's
 transfer and pyramid, verifies the result and records the layer in file_log with a per-mip
-manifest as its result. `--sharded` makes step 2 write igneous's sharded format instead (same
-voxels, a few .shard files per level). See docs/format-precomputed.md.
+manifest as its result. `--sharded` packs every level into Neuroglancer's sharded format (same
+voxels, a few .shard files per level), slab by slab too. See docs/format-precomputed.md.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, pause_point
 from pipeline.layout import THUMBNAIL_FACTOR
 from pipeline.runner import StageContext, Task
 
@@ -52,8 +52,12 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--keep-rechunkme", action="store_true", default=None,
                        help="neuroglancer: keep the temporary step-1 layer after a verified transfer")
     group.add_argument("--sharded", action="store_true", default=None,
-                       help="neuroglancer: write every level in igneous's sharded format (a few large .shard files "
+                       help="neuroglancer: write every level in Neuroglancer's sharded format (a few large .shard files "
                             "per level instead of a file per chunk)")
+    group.add_argument("--shard-bytes", type=int, default=None, metavar="N",
+                       help="neuroglancer --sharded: about N uncompressed bytes of one channel per shard (default "
+                            "536870912, 512 MiB: e.g. 2048x2048x64-voxel shards of uint16 (256,256,16) chunks); "
+                            "sets the file count, not the memory used")
     group.add_argument("--slab-depth", type=int, default=None, metavar="N",
                        help="neuroglancer: publish N sections at a time (a multiple of the chunk z), so the temporary "
                             "step-1 files never exceed one slab (default: whole chunks holding about 1 GB, at least "
@@ -85,23 +89,23 @@ def pad_section(layer_dir: str, z: int, marker: str) -> dict:
 
 def publish(src_dir: str, dest_dir: str, sections: list[str], chunk_size: list[int], max_mips: int | None,
             workers: int, queue_url: str | None, keep_rechunkme: bool, sample: int | None, description: str,
-            params: dict, root: str, sharded: bool = False) -> dict:
+            params: dict, root: str, sharded: bool = False, shard_bytes: int | None = None) -> dict:
     from pipeline.publish.precomputed import publish_layer
 
     return publish_layer(src_dir, dest_dir, sections, chunk_size=chunk_size, max_mips=max_mips, workers=workers,
                          queue_url=queue_url, keep_rechunkme=keep_rechunkme, sample=sample,
-                         description=description, params=params, root=root, sharded=sharded)
+                         description=description, params=params, root=root, sharded=sharded, shard_bytes=shard_bytes)
 
 
 def publish_slab(src_dir: str, partial_dir: str, sections: list[str], z0: int, z1: int, chunk_size: list[int],
                  max_mips: int | None, workers: int, queue_url: str | None, sample: int | None, keep_rechunkme: bool,
-                 section_markers: list[str], marker: str) -> dict:
+                 section_markers: list[str], marker: str, sharded: bool = False, shard_bytes: int | None = None) -> dict:
     """One verified slab; then its sections' markers go before their chunks, so a kill in between
     leaves sections that are written again, never markers vouching for deleted chunks."""
     from pipeline.publish.precomputed import delete_rechunkme_slab, publish_slab as build_slab
 
     result = build_slab(src_dir, partial_dir, sections, z0, z1, chunk_size=chunk_size, max_mips=max_mips,
-                        workers=workers, queue_url=queue_url, sample=sample)
+                        workers=workers, queue_url=queue_url, sample=sample, sharded=sharded, shard_bytes=shard_bytes)
     if not keep_rechunkme:
         for path in section_markers:
             Path(path).unlink(missing_ok=True)
@@ -112,12 +116,14 @@ def publish_slab(src_dir: str, partial_dir: str, sections: list[str], z0: int, z
 
 def finish_slabs(src_dir: str, partial_dir: str, dest_dir: str, sections: list[str], slabs: list[dict],
                  chunk_size: list[int], max_mips: int | None, workers: int, queue_url: str | None,
-                 keep_rechunkme: bool, sample: int | None, description: str, params: dict, root: str) -> dict:
+                 keep_rechunkme: bool, sample: int | None, description: str, params: dict, root: str,
+                 sharded: bool = False, shard_bytes: int | None = None) -> dict:
     from pipeline.publish.precomputed import finish_slab_build
 
     return finish_slab_build(src_dir, partial_dir, dest_dir, sections, slabs, chunk_size=chunk_size,
                              max_mips=max_mips, workers=workers, queue_url=queue_url, keep_rechunkme=keep_rechunkme,
-                             sample=sample, description=description, params=params, root=root)
+                             sample=sample, description=description, params=params, root=root, sharded=sharded,
+                             shard_bytes=shard_bytes)
 
 
 def _write_marker(path: str, content: dict) -> None:
@@ -152,9 +158,12 @@ def run(ctx: StageContext) -> None:
         "mips": max_mips, "stack": [stack.width, stack.height, stack.depth, stack.dtype, stack.channels],
     }
     sharded = bool(ctx.params.get("sharded"))
-    # Only the layer task depends on it (step 1 is the same); present only when set, so layers
-    # published before the flag existed stay current.
+    shard_bytes = ctx.params.get("shard_bytes") if sharded else None
+    # Only the layer task depends on them (step 1 is the same); present only when set, so layers
+    # published before the flags existed stay current.
     layer_params = {**params, "sharded": True} if sharded else params
+    if shard_bytes:
+        layer_params = {**layer_params, "shard_bytes": int(shard_bytes)}
     name = final.name
     resolution = f"thumbnail (1/{THUMBNAIL_FACTOR})" if ctx.downsample else "full resolution"
     layer_task = Task(
@@ -167,7 +176,7 @@ def run(ctx: StageContext) -> None:
                            f"sections, published by slidepipe",
             "params": {"animal": ctx.animal, "channel": ctx.channel, "downsample": ctx.downsample, **params,
                        "sharded": sharded},
-            "root": str(ctx.layout.data_root), "sharded": sharded,
+            "root": str(ctx.layout.data_root), "sharded": sharded, "shard_bytes": shard_bytes,
         },
     )
     if not ctx.is_current(layer_task):
@@ -191,14 +200,13 @@ def run(ctx: StageContext) -> None:
         size_z = count + len(padding_sections(temp, count))
         depth = ctx.params.get("slab_depth")
         depth = default_slab_depth(stack, chunk[2]) if depth is None else depth
-        slabs = [] if sharded else slab_ranges(size_z, chunk[2], depth)
+        slabs = slab_ranges(size_z, chunk[2], depth)
         if len(slabs) > 1:
             done = _publish_slabs(ctx, slabs, step1, sections, temp, partial, layer_params, chunk, max_mips, sample,
-                                  keep)
+                                  keep, sharded, shard_bytes)
             # The same task (key, inputs, output, params: the same record) finishing the partial layer.
-            kwargs = {k: v for k, v in layer_task.kwargs.items() if k != "sharded"}
             layer_task = dataclasses.replace(layer_task, func=finish_slabs,
-                                             kwargs={**kwargs, "partial_dir": str(partial), "slabs": done})
+                                             kwargs={**layer_task.kwargs, "partial_dir": str(partial), "slabs": done})
             if ctx.failures:
                 return  # a slab failed (recorded); the finished ones stay done for the next run
         else:
@@ -216,7 +224,7 @@ def run(ctx: StageContext) -> None:
 
 
 def _publish_slabs(ctx: StageContext, slabs, step1, sections, temp: Path, partial: Path, layer_params: dict,
-                   chunk, max_mips, sample, keep: bool) -> list[dict]:
+                   chunk, max_mips, sample, keep: bool, sharded: bool, shard_bytes: int | None) -> list[dict]:
     """Slab after slab: its step-1 tasks, then its slab task (transfer, z-keeping levels, verify,
     delete its step-1 chunks). A finished slab is a recorded marker, so a rerun skips it and
     writes no step-1 chunk for it. Returns the slabs' results (stored ones for skipped slabs)."""
@@ -234,7 +242,7 @@ def _publish_slabs(ctx: StageContext, slabs, step1, sections, temp: Path, partia
             kwargs={"src_dir": str(temp), "partial_dir": str(partial), "sections": [str(p) for p in sections],
                     "z0": z0, "z1": z1, "chunk_size": list(chunk), "max_mips": max_mips,
                     "workers": ctx.settings.workers, "queue_url": ctx.settings.queue_url, "sample": sample,
-                    "keep_rechunkme": keep, "marker": str(marker),
+                    "keep_rechunkme": keep, "marker": str(marker), "sharded": sharded, "shard_bytes": shard_bytes,
                     "section_markers": [str(temp / MARKER_DIR / f"{z:03d}.json") for z in range(z0, z1)]},
         )
         if not ctx.is_current(task):
@@ -245,4 +253,5 @@ def _publish_slabs(ctx: StageContext, slabs, step1, sections, temp: Path, partia
         if ctx.failures:
             return done
         done.append(result[task.key])
+        pause_point(f"{marker} recorded")  # kill tests: between two slabs
     return done
