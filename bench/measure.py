@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Self, Sequence
 
 import psutil
 
@@ -36,15 +36,34 @@ def _vm_hwm(pid: int) -> int:
     return int(found.group(1)) * 1024 if found else 0
 
 
-class TreeMemory:
+class _Sampler:
+    """Samples something in a daemon thread between `start()` and `stop()` (the subclass's `_run`,
+    which loops until `self._stop` is set)."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class TreeMemory(_Sampler):
     """Peak resident memory of a process and of each of its descendants, sampled in a thread."""
 
     def __init__(self, pid: int, interval: float = 0.05):
+        super().__init__()
         self.pid = pid
         self.interval = interval
         self.peak: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         try:
@@ -66,14 +85,6 @@ class TreeMemory:
                 if value > self.peak.get(pid, 0):
                     self.peak[pid] = value
             self._stop.wait(self.interval)
-
-    def start(self) -> "TreeMemory":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     @property
     def main(self) -> int:
@@ -108,18 +119,17 @@ def tree_stats(path: Path, skip: Callable[[Path], bool] | None = None) -> tuple[
     return files, size
 
 
-class TempFiles:
+class TempFiles(_Sampler):
     """Peak files and bytes under `folder` that are not the final output (`is_final(path)`),
     sampled in a thread. A scan of many small files costs CPU the measured command also wants,
     so the thread sleeps four times as long as its last scan took (at least `interval`): it takes
     at most a fifth of one core, and a run of a few seconds is still sampled several times."""
 
     def __init__(self, folder: Path, is_final: Callable[[Path], bool], interval: float = 0.2):
+        super().__init__()
         self.folder, self.is_final, self.interval = Path(folder), is_final, interval
         self.peak_files = self.peak_bytes = 0
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -128,14 +138,6 @@ class TempFiles:
             self.peak_files, self.peak_bytes = max(self.peak_files, files), max(self.peak_bytes, size)
             self.samples += 1
             self._stop.wait(max(self.interval, 4 * (time.perf_counter() - started)))
-
-    def start(self) -> "TempFiles":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 @dataclass
