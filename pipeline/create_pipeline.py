@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a file: make the project importable
 
 from pipeline.config import Settings  # noqa: E402
 from pipeline.errors import ConfigError, SlidepipeError, UsageError  # noqa: E402
-from pipeline.layout import check_animal_id  # noqa: E402
+from pipeline.layout import check_animal_id, resolution_name  # noqa: E402
 
 STAGES = ["extract", "mask", "clean", "histogram", "align", "create_metrics", "neuroglancer", "omezarr", "web"]
 TASKS = STAGES + ["status", "all"]
@@ -256,23 +256,23 @@ def run_stage(module, engine, settings: Settings, args, channel: int, wait_for_l
     from pipeline.errors import StageBusy
     from pipeline.runner import StageLease, lock_key
 
-    key = lock_key(module, args.animal, channel, "thumbnail" if args.downsample else "full")
+    resolution = resolution_name(args.downsample)
+    key = lock_key(module, args.animal, channel, resolution)
     try:
         with StageLease(engine, key, settings.lock_lease_seconds, wait_seconds=wait_for_lock) as lease:
-            return _run_locked(module, engine, settings, args, channel, lease)
+            return _run_locked(module, engine, settings, args, channel, resolution, lease)
     except StageBusy as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BUSY
 
 
-def _run_locked(module, engine, settings: Settings, args, channel: int, lease) -> int:
+def _run_locked(module, engine, settings: Settings, args, channel: int, resolution: str, lease) -> int:
     from pipeline.runner import StageContext, finish_run, start_run
 
     name = module.NAME
     own = {k: v for k, v in vars(args).items() if k not in {"animal", "task", "config", "db_url", "data_root", "workers", "queue_url", "debug"}}
     own["channel"] = channel
     params = {"channel": channel, "downsample": args.downsample, **{k: v for k, v in own.items() if v is not None}}
-    resolution = "thumbnail" if args.downsample else "full"
     command = "create_pipeline " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     run_id = start_run(engine, animal=args.animal, stage=name, channel=channel, resolution=resolution, params=params, command=command)
     lease.attach(run_id)

@@ -27,7 +27,7 @@ from typing import Any
 
 from pipeline.atomic import write_text_if_changed
 from pipeline.errors import SlidepipeError
-from pipeline.layout import AnimalLayout, site_index
+from pipeline.layout import AnimalLayout, resolution_name, site_index
 
 PAGES = ("index", "sections", "alignment", "histograms", "provenance")
 """Pages of an animal (www/<name>.html); `sections` is written once per channel as
@@ -273,7 +273,7 @@ class AnimalSite:
             metrics = []
             for channel in channels:
                 for downsample in (True, False):
-                    resolution = "thumbnail" if downsample else "full"
+                    resolution = resolution_name(downsample)
                     rows = list(session.scalars(select(AlignmentMetric).where(
                         AlignmentMetric.FK_prep_id == animal, AlignmentMetric.channel == channel,
                         AlignmentMetric.resolution == resolution)))
@@ -351,7 +351,7 @@ class AnimalSite:
         found: list[Layer] = []
         for channel in channels:
             for downsample in (True, False):
-                resolution = "thumbnail" if downsample else "full"
+                resolution = resolution_name(downsample)
                 precomputed = ly.precomputed_layer(channel, downsample)
                 if (precomputed / "info").is_file():
                     found.append(Layer(precomputed.name, "precomputed", channel, resolution, precomputed,
@@ -453,7 +453,7 @@ class AnimalSite:
                 sections = [{"name": s["name"], "png": _url(ly, ly.histogram_png(channel, downsample, s["name"]))}
                             for s in data["stack"]]
                 if combined or any(s["png"] for s in sections):
-                    out.append({"channel": channel, "resolution": "thumbnail" if downsample else "full",
+                    out.append({"channel": channel, "resolution": resolution_name(downsample),
                                 "combined": combined, "sections": sections})
         return out
 
