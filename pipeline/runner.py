@@ -233,8 +233,14 @@ class StageContext:
         return self._unchanged_cache[key]
 
     # ------------------------------------------------------------------------------------
-    def execute(self, tasks: Sequence[Task], desc: str | None = None) -> dict[str, dict]:
-        """Run what is not done yet; return every task's result (run now or recorded before)."""
+    def execute(self, tasks: Sequence[Task], desc: str | None = None,
+                prepare: Callable[[], None] | None = None) -> dict[str, dict]:
+        """Run what is not done yet; return every task's result (run now or recorded before).
+
+        `prepare` is called in this process just before a local pool of workers is forked, and
+        only then (not when every task is done, not for queue workers): it loads what the tasks
+        need that is slow to load (align: itk, ~8 s of CPU), so that the forked workers share it
+        instead of each loading its own copy."""
         keys = [t.key for t in tasks]
         if len(set(keys)) != len(keys):
             raise ValueError(f"duplicate task keys in {self.stage}")
@@ -259,7 +265,7 @@ class StageContext:
         self.counts["tasks_total"] += len(tasks)
         self._update_run_counts()
         if todo:
-            results.update(self._run(todo, desc or self.stage))
+            results.update(self._run(todo, desc or self.stage, prepare))
         return results
 
     def is_current(self, task: Task) -> bool:
@@ -273,7 +279,8 @@ class StageContext:
             fp = fingerprint(self.stage, self.version, task.key, task.params, [r.checksum for r in input_rows])
             return self._done_result(session, task, fp) is not None
 
-    def _run(self, todo: list[tuple[Task, str, list[int]]], desc: str) -> dict[str, dict]:
+    def _run(self, todo: list[tuple[Task, str, list[int]]], desc: str,
+             prepare: Callable[[], None] | None = None) -> dict[str, dict]:
         results: dict[str, dict] = {}
         bar = tqdm(total=len(todo), desc=desc, unit="task", disable=None, file=sys.stderr)
         workers = min(self.settings.workers, len(todo))
@@ -286,6 +293,8 @@ class StageContext:
                     self._finish(task, fp, input_ids, outcome, results)
                     bar.update()
             else:
+                if prepare is not None:
+                    prepare()
                 self._run_pool(todo, workers, results, bar)
         finally:
             bar.close()

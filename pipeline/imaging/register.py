@@ -14,7 +14,7 @@ parameter maps are package files
 (`pipeline/imaging/elastix/*.txt`) so a run can record exactly what it used.
 
 `import itk` takes ~10 s in a fresh process, so it is imported on first use and kept for the
-life of the worker process.
+life of the process; `preload` does it before a pool of workers is forked, so they share it.
 """
 
 from __future__ import annotations
@@ -135,6 +135,16 @@ def _load_itk():
 
         _itk = itk
     return _itk
+
+
+def preload(backend: str) -> None:
+    """Load the backend's libraries in this process (Elastix: itk's lazily loaded modules, ~8 s
+    of CPU), so that worker processes forked afterwards share them instead of each loading its
+    own copy (the align stage calls this before it forks its pool)."""
+    if backend == "elastix":
+        _load_itk().ParameterObject  # noqa: B018 - the attribute makes itk load Elastix and what it needs
+    elif backend == "simpleitk":
+        import SimpleITK  # noqa: F401, PLC0415
 
 
 def parameter_texts(files: Sequence[Path] = PARAMETER_FILES) -> dict[str, str]:

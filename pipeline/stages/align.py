@@ -388,7 +388,7 @@ def _pair_key(step: int, moving: str, kind: str = "pair") -> str:
 
 
 def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
-    from pipeline.imaging.register import RECORDED_FILES, SITK_SETTINGS, parameter_texts
+    from pipeline.imaging.register import RECORDED_FILES, SITK_SETTINGS, parameter_texts, preload
 
     settings = parameter_texts(RECORDED_FILES) if backend == "elastix" else SITK_SETTINGS
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -408,7 +408,7 @@ def _register(ctx: StageContext, available, backend: str) -> dict[str, dict]:
             params={"fixed": fixed.name, "backend": backend, "settings": settings_hash, "hypotheses": True,
                     **({"mirror": mirror} if any(mirror) else {})},
             label=str(moving_path)))
-    results = ctx.execute(tasks, desc="register pairs")
+    results = ctx.execute(tasks, desc="register pairs", prepare=lambda: preload(backend))
     _record_pairs(ctx, available, results)
     return results
 
@@ -547,7 +547,7 @@ def _similarity(ctx: StageContext, available, pairs: list[dict], poses: dict[str
     first pass moved its sections noticeably (a manual transform elsewhere re-solves every pose
     by hundredths of a pixel)."""
     from pipeline.imaging.transforms import canvas_center, rigid_parameters
-    from pipeline.imaging.register import SIMILARITY_FILES, SITK_SETTINGS, parameter_texts
+    from pipeline.imaging.register import SIMILARITY_FILES, SITK_SETTINGS, parameter_texts, preload
 
     settings = parameter_texts(SIMILARITY_FILES) if backend == "elastix" else {**SITK_SETTINGS, "model": "similarity"}
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -575,7 +575,7 @@ def _similarity(ctx: StageContext, available, pairs: list[dict], poses: dict[str
             params={"fixed": fixed.name, "start": start, "backend": backend, "settings": settings_hash,
                     **({"mirror": mirror} if any(mirror) else {})},
             label=str(moving_path)))
-    return ctx.execute(tasks, desc="similarity fits")
+    return ctx.execute(tasks, desc="similarity fits", prepare=lambda: preload(backend))
 
 
 def _detect_flips(ctx: StageContext, available) -> None:
