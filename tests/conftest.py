@@ -1,4 +1,6 @@
-"""Shared database fixtures (owned by the DB engineer; keep this file small).
+"""Shared database fixtures (owned by the DB engineer; keep this file small), and the expensive
+inputs that several test files would otherwise each build (built once per session, read only: a
+test that changes them works on a copy).
 
 - `sqlite_url`: URL of a SQLite file in the test's tmp_path (the file does not exist yet).
 - `db_url`: the same test once per backend, ids `sqlite` and `mysql`. The mysql variant gets a
@@ -10,6 +12,10 @@ The MySQL/MariaDB server is SLIDEPIPE_TEST_MYSQL_URL (a server URL; any database
 replaced) or mysql+pymysql://root@127.0.0.1:3306. When it cannot be reached, mysql variants are
 skipped with the reason, except when SLIDEPIPE_TEST_MYSQL_URL is set or CI=true: then they fail,
 because a CI run that silently skipped MySQL would prove nothing about it.
+
+- `small_sample`: the standard sample brain (`build_sample` defaults: DEMO, seed 0, 40 sections,
+  ~20 s to write), its `SampleTruth`; test_sample checks it, test_stages_clean_align runs the
+  stages on a copy.
 """
 
 from __future__ import annotations
@@ -71,3 +77,10 @@ def _drop_database(server, name: str) -> None:
             conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
     finally:
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def small_sample(tmp_path_factory):
+    from pipeline.sample import build_sample
+
+    return build_sample(tmp_path_factory.mktemp("small-sample"))

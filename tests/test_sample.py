@@ -204,10 +204,10 @@ def test_default_small_plan_matches_the_brief():
 
 
 @pytest.mark.slow
-def test_build_small_default(tmp_path):
-    truth = build_sample(tmp_path)
+def test_build_small_default(small_sample):
+    truth = small_sample  # build_sample(root) with the defaults (tests/conftest.py)
     assert len(truth.sections) == 40 and truth.animal == "DEMO" and truth.size == "small"
-    again = SampleTruth.load(tmp_path, "DEMO")
+    again = SampleTruth.load(truth.data_root, "DEMO")
     assert again == truth
     for path in truth.slide_paths:
         with open_slide(path) as reader:
