@@ -325,9 +325,9 @@ def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool =
     import igneous.tasks  # noqa: F401  registers igneous's task classes for deserialising
     from taskqueue import queueable
 
-    from pipeline.publish.common import GZIP_LEVEL, use_gzip_level
+    from pipeline.publish.common import prepare_igneous_process
 
-    use_gzip_level(GZIP_LEVEL)  # igneous's tasks gzip at slidepipe's level here too
+    prepare_igneous_process()  # igneous's tasks gzip at slidepipe's level and read step-1 layers natively here too
 
     queueable(execute_queued)  # the runner's tasks (registered here: only workers run them)
     if data_root is not None:

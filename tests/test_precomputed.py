@@ -474,6 +474,104 @@ def test_step1_in_bands_writes_the_same_voxels(tmp_path):
     assert files and not any(f.name.endswith(".gz") for f in files), "the temporary layer is raw, uncompressed"
 
 
+@pytest.mark.parametrize("dtype, rgb, height, width", [(np.uint8, False, 203, 301), (np.uint16, False, 150, 97),
+                                                      (np.uint8, True, 90, 133)], ids=["uint8-odd", "uint16", "rgb"])
+def test_step1_chunk_files_are_cloudvolumes_bytes_except_background(tmp_path, dtype, rgb, height, width):
+    """Step 1's own writer: every chunk file cloud-volume writes for the same voxels (compress=False,
+    the raw encoding) with the same name and bytes, except the all-zero ones, which have none (a
+    background band 70 px wide, so one whole chunk column); the chunk records list exactly the
+    files; a rewrite of a section removes the chunks that became background."""
+    from cloudvolume import CloudVolume
+
+    sections = write_stack(tmp_path / "aligned", 3, height, width, dtype, rgb)
+    for path in sections[:2]:  # a background band 70 px wide (one whole 64-px chunk column and a bit)
+        image = tifffile.imread(path)
+        image[:, :70] = 0
+        tifffile.imwrite(path, image, photometric="rgb" if rgb else "minisblack")
+    stack = pc.inspect_stack(sections)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    make_step1(ours, sections, (10400, 10400, 20000), (32, 32, 2))
+    info = pc.read_info(ours)
+    key, size = info["scales"][0]["key"], info["scales"][0]["size"]
+    assert size[0] > width, "padding columns in the last chunk column"
+    pc.write_info(theirs, info)
+    volume = np.zeros((*size, stack.channels), dtype, order="F")
+    volume[:width, :height, :3] = stack_xyzc(sections)
+    CloudVolume(pc.file_url(theirs), progress=False, compress=False, parallel=1)[:, :, :] = volume
+    want = {f.name: f.read_bytes() for f in (theirs / key).iterdir()}
+    got = {f.name: f.read_bytes() for f in (ours / key).iterdir()}
+    background = {name for name, data in want.items() if not any(data)}
+    assert background and got.keys() == want.keys() - background
+    assert [name for name in got if got[name] != want[name]] == []
+    assert pc.check_step1(ours)["chunks"] == len(got)
+    # section 2 again, now blank: its chunk files go, its record says so
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(blank, np.zeros(tifffile.imread(sections[2]).shape, dtype), photometric="rgb" if rgb else "minisblack")
+    out = pc.write_rechunkme_section(str(ours), str(blank), 2, stack.width, stack.height)
+    assert out["chunks"] == 0 and not list((ours / key).glob("*_2-3")) and pc.check_step1(ours)
+
+
+def test_a_missing_step1_chunk_or_record_is_told_from_background(tmp_path):
+    """The transfer reads a step-1 chunk without a file as zeros; check_step1, run before it, fails on
+    a deleted chunk that holds data (naming it) and on a section without its record, never on a
+    background chunk, which has no file by design."""
+    sections = write_stack(tmp_path / "aligned", 2, 64, 130)
+    image = tifffile.imread(sections[0])
+    image[:, :64] = 0
+    tifffile.imwrite(sections[0], image)
+    src = tmp_path / "C1T_rechunkme"
+    make_step1(src, sections, (1000, 1000, 4000), (16, 16, 1))
+    folder = src / "1000_1000_4000"
+    assert not (folder / "0-64_0-64_0-1").exists() and pc.check_step1(src) == {"sections": 2, "chunks": 5}
+    (folder / "64-128_0-64_0-1").unlink()
+    with pytest.raises(pc.PrecomputedError, match="1 step-1 chunk.*holding data are missing: 64-128_0-64_0-1"):
+        pc.check_step1(src)
+    assert pc.check_step1(src, (1, 2))["chunks"] == 3
+    (src / pc.CHUNK_RECORDS / "00001.json").unlink()
+    with pytest.raises(pc.PrecomputedError, match=r"section\(s\) \[1\] of the step-1 layer were not written"):
+        pc.check_step1(src, (1, 2))
+
+
+def test_step1_layers_are_read_directly_as_cloudvolume_reads_them(tmp_path):
+    """read_step1_directly (set in every igneous process): cloud-volume reads of a step-1 layer,
+    at and off chunk edges, RGB included, give what cloud-volume's own download gives; without
+    fill_missing a background chunk is an error naming it, as in cloud-volume; a chunk of the
+    wrong size is an error naming it. Other layers keep cloud-volume's download."""
+    from cloudvolume import CloudVolume
+    from cloudvolume.datasource.precomputed.image import rx
+
+    from pipeline.publish.common import read_step1_directly
+
+    sections = write_stack(tmp_path / "aligned", 3, 90, 133, np.uint8, rgb=True)
+    image = tifffile.imread(sections[1])
+    image[:, :70] = 0
+    tifffile.imwrite(sections[1], image, photometric="rgb")
+    src = tmp_path / "src"
+    make_step1(src, sections, (1000, 1000, 20000), (16, 16, 1))
+    boxes = [np.s_[0:64, 0:64, 0:3], np.s_[5:131, 3:89, 1:3], np.s_[:, :, :]]
+    plain = CloudVolume(pc.file_url(src), progress=False, fill_missing=True)
+    want = [np.asarray(plain[box]) for box in boxes]
+    read_step1_directly()
+    try:
+        calls, original = [], rx.download.slidepipe_original
+        rx.download.slidepipe_original = lambda *a, **k: calls.append(1) or original(*a, **k)
+        vol = CloudVolume(pc.file_url(src), progress=False, fill_missing=True)
+        got = [np.asarray(vol[box]) for box in boxes]
+        assert calls == [] and all(np.array_equal(g, w) and g.dtype == w.dtype for g, w in zip(got, want))
+        assert want[2][:133, :90, :3].tolist() == stack_xyzc(sections).tolist()
+        strict = CloudVolume(pc.file_url(src), progress=False, fill_missing=False)
+        with pytest.raises(OSError, match="step-1 chunk .*0-64_0-64_1-2 is missing"):
+            strict[0:64, 0:64, 1:2]
+        (src / "1000_1000_20000" / "64-128_0-64_1-2").write_bytes(b"not a chunk")
+        with pytest.raises(ValueError, match="64-128_0-64_1-2 has 11 bytes"):
+            vol[64:128, 0:64, 1:2]
+        shutil.rmtree(src / pc.CHUNK_RECORDS)  # not a step-1 layer any more: cloud-volume's own download
+        vol[0:16, 0:16, 0:1]
+        assert calls == [1]
+    finally:
+        rx.download.slidepipe_original = original
+
+
 def test_rechunkme_deleted_only_after_a_verified_transfer(tmp_path):
     sections = write_stack(tmp_path / "aligned", 3, 60, 70)
     dest = tmp_path / "C1T"
@@ -590,7 +688,7 @@ def test_a_missing_step1_chunk_fails_the_transfer_loudly(tmp_path, queue):
     make_step1(src, sections, (1000, 1000, 4000), (16, 16, 1))
     next((src / "1000_1000_4000").glob("0-64_0-64_1-2*")).unlink()
     queue_url = "fq://" + str(tmp_path / "queue") if queue else None
-    with pytest.raises(pc.PrecomputedError, match="igneous task"):
+    with pytest.raises(pc.PrecomputedError, match="step-1 chunk.*holding data are missing: 0-64_0-64_1-2"):
         pc.publish_layer(src, dest, sections, chunk_size=(16, 16, 1), queue_url=queue_url)
     assert not dest.exists() and (src / "info").is_file()
     if queue:

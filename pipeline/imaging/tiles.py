@@ -56,3 +56,15 @@ def pad_tile(tile: np.ndarray, tile_shape: tuple[int, int]) -> np.ndarray:
     out = np.zeros((th, tw) + tile.shape[2:], tile.dtype)
     out[: tile.shape[0], : tile.shape[1]] = tile
     return out
+
+
+def chunks_with_data(rows: np.ndarray, chunk_y: int, chunk_x: int) -> np.ndarray:
+    """Which chunks of a band of rows hold a non-zero voxel: a (ceil(h / chunk_y), ceil(w / chunk_x))
+    bool grid for a (h, w) or (h, w, samples) band whose first row and column start chunks; edge
+    chunks are the partial blocks at the far edges."""
+    nonzero = rows != 0
+    if nonzero.ndim == 3:
+        nonzero = nonzero.any(axis=2)
+    h, w = nonzero.shape
+    by_rows = np.logical_or.reduceat(nonzero, np.arange(0, h, chunk_y), axis=0)
+    return np.logical_or.reduceat(by_rows, np.arange(0, w, chunk_x), axis=1)

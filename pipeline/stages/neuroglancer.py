@@ -134,8 +134,8 @@ def _write_marker(path: str, content: dict) -> None:
 # ---------------------------------------------------------------------------------------
 def run(ctx: StageContext) -> None:
     from pipeline.publish.precomputed import (
-        DEFAULT_CHUNK, RECHUNKME_CHUNK, create_rechunkme_layer, default_slab_depth, inspect_stack, padding_sections,
-        slab_ranges, voxel_size_nm,
+        DEFAULT_CHUNK, RECHUNKME_CHUNK, STEP1_WRITER, create_rechunkme_layer, default_slab_depth, inspect_stack,
+        padding_sections, slab_ranges, voxel_size_nm,
     )
     from pipeline.stages.common import aligned_stack
 
@@ -182,16 +182,19 @@ def run(ctx: StageContext) -> None:
     if not ctx.is_current(layer_task):
         create_rechunkme_layer(temp, stack, voxel, chunk, max_mips, rechunk)
         markers = temp / MARKER_DIR
+        # The step-1 writer too: a section kept (--keep-rechunkme) from another writer lacks the
+        # chunk record the transfer's check needs, so it is written again.
+        step1_params = {**params, "step1_writer": STEP1_WRITER}
 
         def step1(zs) -> list[Task]:
             """The step-1 tasks of sections (and blank padding sections) `zs`."""
             return [
                 Task(key=f"z{z:03d}", func=rechunk_section, inputs=[sections[z]], outputs=[markers / f"{z:03d}.json"],
-                     params=params, kwargs={"layer_dir": str(temp), "tiff_path": str(sections[z]), "z": z,
+                     params=step1_params, kwargs={"layer_dir": str(temp), "tiff_path": str(sections[z]), "z": z,
                                             "width": stack.width, "height": stack.height,
                                             "marker": str(markers / f"{z:03d}.json")})
                 if z < count else
-                Task(key=f"z{z:03d}", func=pad_section, outputs=[markers / f"{z:03d}.json"], params=params,
+                Task(key=f"z{z:03d}", func=pad_section, outputs=[markers / f"{z:03d}.json"], params=step1_params,
                      label=f"{temp} (blank section {z})",
                      kwargs={"layer_dir": str(temp), "z": z, "marker": str(markers / f"{z:03d}.json")})
                 for z in zs
