@@ -327,7 +327,7 @@ def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool =
 
     from pipeline.publish.common import prepare_igneous_process
 
-    prepare_igneous_process()  # igneous's tasks gzip at slidepipe's level and read step-1 layers natively here too
+    prepare_igneous_process()  # igneous's tasks gzip at slidepipe's level and read step-1 layers directly here too
 
     queueable(execute_queued)  # the runner's tasks (registered here: only workers run them)
     if data_root is not None:

@@ -322,7 +322,7 @@ def run_tasks(tasks: Iterable, workers: int = 1, queue_url: str | None = None, l
     """Execute igneous tasks and return when all are done.
 
     Without a queue: here (one worker) or in a pool of `workers` forked processes, each
-    set to gzip at `gzip_level` first (`use_gzip_level`; python-task-queue's LocalTaskQueue, used
+    set to gzip at `gzip_level` first (`prepare_igneous_process`; python-task-queue's LocalTaskQueue, used
     before, gives no hook to do that in its processes). With a queue (a build's own sub-queue,
     `build_queue`): insert them there and work on that queue here too until it is empty, so
     workers on other machines share the work and a worker that dies only delays its task until
