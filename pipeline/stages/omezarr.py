@@ -22,10 +22,6 @@ VERSION = 2  # 2: level translations, a completion signature covering the level 
 PER_CHANNEL = True
 REFRESH_PAGES = True  # create_pipeline runs the web stage after this one: the pages link the new layer
 
-STAGE_MAX_GB = 1.0
-"""The converter's memory cap when --max-gb is not given (the tiff2omezarr command's default is a
-quarter of free memory): peak RSS per process <= 1 GB at any section size (issue 8)."""
-
 STACK_CHUNK = (16, 128, 128)
 """Default chunk (z, y, x) for section stacks: thin in z, because sections are viewed plane by
 plane and a 64-deep chunk would fetch 64 sections to draw one (the standalone default, 64^3,
@@ -48,8 +44,7 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="omezarr: pyramid levels including full resolution (default: until the top fits a chunk)")
     group.add_argument("--algorithm", choices=ALGORITHMS, default=None, help="omezarr: downsampling (default mean)")
     group.add_argument("--max-gb", type=float, default=None,
-                       help=f"omezarr: peak memory of the conversion in GB (default {STAGE_MAX_GB:g}: the issue's bound "
-                            "per worker, whatever the section size)")
+                       help="omezarr: peak memory of the conversion in GB (default: a quarter of free memory)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,7 +95,7 @@ def run(ctx: StageContext) -> None:
     }
     # Everything that changes the store's bytes (the memory cap and threads do not).
     params = {k: v for k, v in options.items() if k != "threads"}
-    options.update(overwrite=True, max_gb=ctx.params.get("max_gb") or STAGE_MAX_GB)
+    options.update(overwrite=True, max_gb=ctx.params.get("max_gb"))
     task = Task(key=store.name, func=write_store, inputs=sections, outputs=[store], params=params, label=str(store),
                 kwargs={"sections": [str(p) for p in sections], "store": str(store), "options": options})
     results = ctx.execute([task], desc=f"{store.name}: {len(sections)} sections -> OME-Zarr {options['ngff_version']}")
