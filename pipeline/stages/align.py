@@ -125,10 +125,15 @@ def similarity_task(fixed: str, moving: str, output: str, fixed_section: str, mo
         fit = similarity_fit(fixed_image, moving_image, matrix, backend=backend, threads=threads)
     except SlidepipeError as exc:
         raise SlidepipeError(exc.reason, moving) from exc
+    except RuntimeError as exc:
+        # ITK refuses a start that leaves no moving tissue on the canvas (zero image mass), as
+        # after a far-off manual transform: the fit is an extra measurement, the pair keeps its
+        # registration and the solve goes without this fit (recorded, see _solve).
+        fit = {"kind": "similarity", "backend": backend, "no_fit": str(exc).strip().splitlines()[-1][:300]}
     data = {"fixed": fixed_section, "moving": moving_section, "start": start, **fit}
     with atomic_path(Path(output)) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
-    return {"fixed": fixed_section, "moving": moving_section, "scale": fit["scale"]}
+    return {"fixed": fixed_section, "moving": moving_section, "scale": fit.get("scale")}
 
 
 def _solve(sections, pairs, cleaned, reference, canvas, mirrored):
@@ -177,7 +182,8 @@ def _solve(sections, pairs, cleaned, reference, canvas, mirrored):
             if fit["fixed"] != pair["fixed"] or fit["moving"] != pair["moving"]:
                 raise SlidepipeError(f"similarity fit is for {fit['fixed']}->{fit['moving']}, expected "
                                      f"{pair['fixed']}->{pair['moving']}", pair["similarity"])
-            fits.append((pair, Pair(key[0], key[1], rigid(fit), rotation_only=True)))
+            if "no_fit" not in fit:  # a start ITK refused (similarity_task): the registration stands alone
+                fits.append((pair, Pair(key[0], key[1], rigid(fit), rotation_only=True)))
         graph.append(Pair(key[0], key[1], matrix, hard=hard))
         if pair["step"] == 1:
             sources[pair["moving"]] = source
