@@ -478,6 +478,45 @@ def test_max_gb_too_small_is_a_clear_error(tmp_path):
     assert proc.returncode == 1 and "--max-gb 0.05" in err
 
 
+def test_a_default_cap_the_process_already_exceeds_leaves_the_slabs_a_floor_instead_of_refusing():
+    """The omezarr stage's default --max-gb (STAGE_MAX_GB) must not refuse to run in a process
+    that already holds more (--task all after align loaded itk): its slabs get MIN_SLAB_BUDGET.
+    The same cap given by the user is refused, as before."""
+    from pipeline.publish.omezarr.planning import MIN_SLAB_BUDGET, memory_budget, process_rss
+
+    tiny = process_rss() / 2 / 1e9  # half of what this process holds
+    assert memory_budget(tiny, strict=False) == MIN_SLAB_BUDGET
+    with pytest.raises(OmeZarrError, match="below what the converter needs"):
+        memory_budget(tiny, strict=True)
+    roomy = (process_rss() + 2 * MIN_SLAB_BUDGET) / 1e9 + 0.2
+    assert memory_budget(roomy, strict=False) == memory_budget(roomy, strict=True) > MIN_SLAB_BUDGET
+
+
+def test_the_stage_caps_the_converter_at_its_default_unless_told():
+    from pipeline.stages.omezarr import STAGE_MAX_GB
+
+    assert 0 < STAGE_MAX_GB <= 1.0  # issue 8: <= 1 GB per process, whatever the section size
+
+
+def test_verification_holds_one_row_of_expected_blocks_at_a_time():
+    """The background boxes of a layer of a 30000 x 20000 section are gigabytes together (measured:
+    the stage's level-0 check rose to 1.09 GB before): `_in_rows` computes a row only when the
+    previous row has been consumed."""
+    from pipeline.publish.validate_omezarr import _in_rows
+
+    calls = []
+
+    def expected(boxes):
+        calls.append(len(boxes))
+        return [np.zeros(1) for _ in boxes]
+
+    boxes = [((0, 1), (y, y + 1), (x, x + 1)) for y in range(3) for x in range(4)]
+    rows = _in_rows(expected, boxes)
+    first = [next(rows) for _ in range(4)]
+    assert [i for i, _ in first] == [0, 1, 2, 3] and calls == [4]
+    assert [i for i, _ in rows] == list(range(4, 12)) and calls == [4, 4, 4]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ngff", ["0.4", "0.5"])
 def test_killed_conversion_resumes_to_the_same_result(tmp_path, ngff):

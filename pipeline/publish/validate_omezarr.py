@@ -18,7 +18,7 @@ import os
 import random
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -204,14 +204,16 @@ def _verify_level(store: Path, path: str, array, expected, sample: int | None, r
             last = cell
             seen["present"] += 1
         seen["absent"] += len(missing)
-        for cell, want in zip(missing, _in_rows(expected, [box(c) for c in missing])):
+        for i, want in _in_rows(expected, [box(c) for c in missing]):
+            cell = missing[i]
             if isinstance(want, Exception):
                 problems.append(f"level {path}: cannot read what {path}/{key(cell)} is made from: {_first_line(want)}")
             elif np.any(want):
                 problems.append(f"level {path}: {path}/{key(cell)} is missing, but what it must hold is not all zero")
     picked = sorted(picked) + ([last] if last is not None and sample != 0 else [])
     boxes = [box(c) for c in picked]
-    for cell, b, want in zip(picked, boxes, _in_rows(expected, boxes)):
+    for i, want in _in_rows(expected, boxes):
+        cell, b = picked[i], boxes[i]
         if isinstance(want, Exception):
             problems.append(f"level {path}: cannot read what {path}/{key(cell)} is made from: {_first_line(want)}")
             continue
@@ -227,22 +229,22 @@ def _verify_level(store: Path, path: str, array, expected, sample: int | None, r
     return {**seen, "decoded": len(picked)}
 
 
-def _in_rows(expected, boxes: list[Box]) -> list:
-    """expected() of each box, called once per row of boxes (same z and y ranges), so a source
-    section is opened once per row, not once per box; the exception instead where that failed
-    (a source or a level below that cannot be read)."""
+def _in_rows(expected, boxes: list[Box]) -> Iterator[tuple[int, np.ndarray | Exception]]:
+    """(index, expected() of boxes[index]), computed one row of boxes (same z and y ranges) at a
+    time, so a source section is opened once per row, not once per box, and only one row's
+    blocks are in memory (the background boxes of a layer of a 30000 x 20000 section are
+    gigabytes together); the exception instead where that failed (a source or a level below
+    that cannot be read)."""
     rows: dict[tuple, list[int]] = {}
     for i, b in enumerate(boxes):
         rows.setdefault(tuple(b[-3:-1]), []).append(i)
-    out: list = [None] * len(boxes)
     for members in rows.values():
         try:
             blocks = expected([boxes[i] for i in members])
         except Exception as exc:  # noqa: BLE001  (codec errors of every kind: reported per file)
             blocks = [exc] * len(members)
-        for i, block in zip(members, blocks):
-            out[i] = block
-    return out
+        yield from zip(members, blocks)
+        del blocks
 
 
 def _file_grid(level_dir: Path):

@@ -26,6 +26,9 @@ STACK_CHUNK = (16, 128, 128)
 """Default chunk (z, y, x) for section stacks: thin in z, because sections are viewed plane by
 plane and a 64-deep chunk would fetch 64 sections to draw one (the standalone default, 64^3,
 suits isotropic volumes)."""
+STAGE_MAX_GB = 0.8
+"""The stage's default --max-gb: issue 8's bound per process, whatever the section size (the
+standalone converter's default stays a quarter of free memory)."""
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -44,7 +47,8 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="omezarr: pyramid levels including full resolution (default: until the top fits a chunk)")
     group.add_argument("--algorithm", choices=ALGORITHMS, default=None, help="omezarr: downsampling (default mean)")
     group.add_argument("--max-gb", type=float, default=None,
-                       help="omezarr: peak memory of the conversion in GB (default: a quarter of free memory)")
+                       help=f"omezarr: peak memory of the conversion in GB (default {STAGE_MAX_GB:g}: a "
+                            "worker's share on a cluster node)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,7 +99,8 @@ def run(ctx: StageContext) -> None:
     }
     # Everything that changes the store's bytes (the memory cap and threads do not).
     params = {k: v for k, v in options.items() if k != "threads"}
-    options.update(overwrite=True, max_gb=ctx.params.get("max_gb"))
+    max_gb = ctx.params.get("max_gb")
+    options.update(overwrite=True, max_gb=max_gb or STAGE_MAX_GB, max_gb_is_default=max_gb is None)
     task = Task(key=store.name, func=write_store, inputs=sections, outputs=[store], params=params, label=str(store),
                 kwargs={"sections": [str(p) for p in sections], "store": str(store), "options": options})
     results = ctx.execute([task], desc=f"{store.name}: {len(sections)} sections -> OME-Zarr {options['ngff_version']}")

@@ -21,7 +21,7 @@ from pipeline.publish.omezarr.metadata import (channel_names, dataset_scale, dat
                                                multiscales_metadata, omero_metadata, stored_ome_metadata,
                                                write_ome_attributes)
 from pipeline.publish.omezarr.options import DEFAULT_CHUNK, ConversionResult, OmeZarrError, OmeZarrOptions
-from pipeline.publish.omezarr.planning import LevelWork, memory_budget, plan_level, release_free_memory, slab_cost, warm_imports
+from pipeline.publish.omezarr.planning import LevelWork, plan_level, release_free_memory, slab_budget, slab_cost, warm_imports
 from pipeline.publish.omezarr.state import (STATE_FORMAT, STATE_KEY, Progress, input_fingerprint, prepare_store,
                                             signature_of, store_lock)
 from pipeline.publish.omezarr.store import (Image, array_spec, create_group, open_array, open_existing, read_attributes,
@@ -116,7 +116,7 @@ def convert_stack(paths: Sequence[Path], store: Path, options: OmeZarrOptions,
             state = {"format": STATE_FORMAT, "signature": signature, "done": False, "options": layout, "levels": {}}
         tracker = Progress(store, state)
         tracker.save()
-        budget = options.slab_budget_bytes or memory_budget(options.max_gb)
+        budget = slab_budget(options)
         reader = StackReader(info, bounds, threads)
         counts = {"written": 0, "skipped": 0}
         for level in range(nlevels):
@@ -172,7 +172,7 @@ def _refresh_metadata(store: Path, options: OmeZarrOptions, img: Image, shapes, 
     if options.windows or not state.get("data_windows"):
         arrays = [] if options.windows else [
             open_existing(store / str(level), options.zarr_format, ts_context(threads)) for level in range(len(shapes))]
-        budget = 0 if options.windows else (options.slab_budget_bytes or memory_budget(options.max_gb))
+        budget = 0 if options.windows else slab_budget(options)
         windows = display_windows(options.windows, arrays, shapes, img, budget)
         if not options.windows:
             state["data_windows"] = windows
@@ -347,7 +347,7 @@ def add_levels(store: Path, options: OmeZarrOptions,
         state = dict(state, extend=extending)
         tracker = Progress(store, state, extending)
         tracker.save()
-        budget = options.slab_budget_bytes or memory_budget(options.max_gb)
+        budget = slab_budget(options)
         previous = base
         for k in range(1, len(shapes)):
             level = first - 1 + k

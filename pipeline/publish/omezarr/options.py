@@ -27,6 +27,7 @@ class OmeZarrOptions:
     shard: tuple[int, int, int] | None = None
     nlevels: int | None = None  # None: until the top level fits one chunk in y and x
     max_gb: float | None = None  # None: a quarter of the available memory
+    max_gb_is_default: bool = False  # the stage's cap, not the user's: never refused (planning.memory_budget)
     zarr_only: bool = False
     overwrite: bool = False
     algorithm: str = "mean"

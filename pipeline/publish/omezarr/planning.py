@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pipeline.publish import pyramid
-from pipeline.publish.omezarr.options import OmeZarrError
+from pipeline.publish.omezarr.options import OmeZarrError, OmeZarrOptions
 
 GB = 10**9
 RESERVE_BYTES = 96 * 2**20
@@ -25,8 +25,16 @@ def process_rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def memory_budget(max_gb: float | None) -> int:
-    """Bytes the slab buffers may use: the cap minus what the process already holds."""
+MIN_SLAB_BUDGET = 128 * 2**20
+"""Slab bytes under a default cap that the process's other contents already fill (--task all
+after align loaded itk): enough for a few rows of chunks of a 100000 px wide section."""
+
+
+def memory_budget(max_gb: float | None, strict: bool = True) -> int:
+    """Bytes the slab buffers may use: the cap minus what the process already holds. A cap the
+    process already exceeds is refused when the user gave it (`strict`); a default cap then
+    leaves the slabs MIN_SLAB_BUDGET: what the converter adds stays bounded, what it did not
+    load is not its to free."""
     import psutil
 
     if max_gb is None:
@@ -34,10 +42,16 @@ def memory_budget(max_gb: float | None) -> int:
         return max(cap, 64 * 2**20)
     cap = int(max_gb * GB)
     budget = cap - process_rss() - RESERVE_BYTES
+    if budget < MIN_SLAB_BUDGET and not strict:
+        return MIN_SLAB_BUDGET
     if budget <= 0:
         raise OmeZarrError(f"--max-gb {max_gb} is below what the converter needs before any data "
                            f"({(process_rss() + RESERVE_BYTES) / GB:.2f} GB)")
     return budget
+
+
+def slab_budget(options: OmeZarrOptions) -> int:
+    return options.slab_budget_bytes or memory_budget(options.max_gb, strict=not options.max_gb_is_default)
 
 
 @dataclasses.dataclass(frozen=True)
