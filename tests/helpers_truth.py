@@ -50,10 +50,11 @@ def rms_distance(a: np.ndarray, b: np.ndarray, points: np.ndarray) -> float:
 
 
 def rotation_error_deg(found: np.ndarray, true: np.ndarray) -> float:
-    """Angle of found o true^-1 (NaN when the truth mirrors: no rotation can match it)."""
-    if np.linalg.det(true[:2, :2]) < 0:
-        return float("nan")
+    """Angle of found o true^-1 (NaN when one of the two mirrors and the other does not: no
+    rotation can match it; a pair solved on a section the user mirrored compares like any other)."""
     delta = found @ np.linalg.inv(true)
+    if np.linalg.det(delta[:2, :2]) < 0:
+        return float("nan")
     return float(np.rad2deg(np.arctan2(delta[1, 0], delta[0, 0])))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shlex
 
+import numpy as np
 import pytest
 
 from pipeline.layout import AnimalLayout
@@ -97,5 +98,10 @@ def test_the_reported_flips_once_applied_align_the_mirrored_sections_too(hard_pr
                       for s in errors["sections"] if s["mirrored"]))
     assert final <= 1.0
     assert all(s["error_px"] < s["unaligned_px"] for s in others)
+    # every pair, now including those of the mirrored sections: its solved rotation within 1 degree
+    solved = {(p["fixed"], p["moving"]): p["solved_rotation_error_deg"] for p in errors["pairs"]}
+    print(f"pairs (solved), all {len(solved)}: worst {max(abs(v) for v in solved.values()):.2f} degrees; involving a "
+          f"mirrored section: {sorted((k, round(v, 2)) for k, v in solved.items() if set(k) & mirrored)}")
+    assert solved and all(np.isfinite(v) and abs(v) <= 1.0 for v in solved.values()), solved
     assert cli(root, db_url, "align", "--detect-flips") == 0
     assert json.loads(last_run(db_url, "align").summary)["mirror_check"]["looks_mirrored"] == []
