@@ -507,3 +507,23 @@ def test_full_resolution_reuses_thumbnail_masks_and_transforms(tiny_sample, tmp_
     expected = whole.result()
     assert last.ncc == pytest.approx(expected["ncc"], abs=1e-9)
     assert last.mutual_information == pytest.approx(expected["mutual_information"], abs=1e-9)
+
+
+def test_an_overlay_a_killed_run_renamed_but_did_not_record_is_no_hand_edit(tiny_sample, tmp_path, sqlite_url):
+    """A mask run SIGKILLed between an overlay's rename and its record leaves the automatic overlay
+    on disk with no file_log row. The rerun must make and record it as an uninterrupted run does,
+    not read the mask from it as from a hand edit (found by the queue kill test)."""
+    root = copy_sample(tiny_sample, tmp_path)
+    for task in ("extract", "mask"):
+        assert cli(root, sqlite_url, task) == 0, task
+    layout, n = AnimalLayout(root, "DEMO"), keys(sqlite_url)
+    overlay = layout.mask(n[1], True, "colored")
+    with session_scope(init_db(sqlite_url)) as s:
+        for row in s.scalars(select(FileLog).where(FileLog.path == layout.relative(overlay))):
+            s.delete(row)
+    assert cli(root, sqlite_url, "mask") == 0
+    assert made_by_last_run(sqlite_url, root) == {f"preps/masks/CH1/thumbnail_masked/{n[1]}.tif",
+                                                  f"preps/masks/CH1/thumbnail_colored/{n[1]}.tif"}
+    with session_scope(init_db(sqlite_url)) as s:
+        assert {r.task_key for r in s.scalars(select(FileLog).where(FileLog.path == layout.relative(overlay)))} == {
+            f"auto:{n[1]}"}

@@ -1,7 +1,8 @@
 """mask: tissue masks from channel-1 thumbnails; hand-edited overlays win; full-res masks in tiles.
 
 `--downsample true`: one mask (0/255) and one editable coloured overlay per section. An overlay
-that differs from the one this stage wrote (or that a user put there) is a hand edit: the mask is
+that differs from the one this stage wrote (or that a user put there) is a hand edit, unless it is
+exactly the automatic overlay (one a killed run wrote and did not record): the mask is
 then read from it, never recomputed, and the file record of the mask names the edited overlay as
 its input (with how many pixels the edit changed). Delete an overlay to go back to the automatic
 mask. `--downsample false`: the thumbnail masks upsampled nearest-neighbour to full resolution,
@@ -119,6 +120,23 @@ def overlay_edited(session, layout, overlay: Path) -> bool:
     return sha256_file(overlay) != written.checksum
 
 
+def automatic_overlay(overlay: Path, thumbnail: Path, masker: str, threshold_scale: float | None) -> bool:
+    """Whether the overlay holds exactly what `detect_mask` draws for this thumbnail: then an
+    unrecorded one is no hand edit but the file of a run killed between its rename and its record
+    (taking it for an edit would record the mask as made from it, unlike an uninterrupted run).
+    Only asked for overlays `overlay_edited` flags; an edit that changes nothing is no edit."""
+    from pipeline.imaging.mask import mask_overlay
+    from pipeline.stages.section_files import read_image
+
+    try:
+        drawn = read_image(overlay)
+    except SlidepipeError:  # unreadable: an edit gone wrong, which mask_from_edit reports
+        return False
+    image = read_image(thumbnail)
+    automatic = mask_overlay(image, make_masker(masker, threshold_scale)(image))
+    return drawn.shape == automatic.shape and drawn.dtype == automatic.dtype and bool(np.array_equal(drawn, automatic))
+
+
 def run(ctx: StageContext) -> None:
     from pipeline.stages.section_files import list_sections, usable
 
@@ -138,6 +156,9 @@ def run(ctx: StageContext) -> None:
     tasks = []
     with ctx.session() as session:
         edited = {s.name: overlay_edited(session, layout, layout.mask(s.name, True, "colored")) for s in sections}
+    for s in sections:
+        if edited[s.name] and automatic_overlay(layout.mask(s.name, True, "colored"), s.thumbnail, masker, scale):
+            edited[s.name] = False  # written by a run killed before it recorded it: made again, recorded
     for s in sections:
         mask_path = layout.mask(s.name, True, "masked")
         overlay = layout.mask(s.name, True, "colored")
