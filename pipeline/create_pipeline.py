@@ -449,8 +449,9 @@ def _worker(argv: list[str]) -> int:
                     "never the database. See docs/cluster.md.")
     add_common_arguments(parser)
     parser.add_argument("--lease-seconds", type=int, default=600,
-                        help="a task this worker took is given to another worker when it has not finished after "
-                             "this long (killed machine); make it longer than the slowest task (default 600)")
+                        help="a task this worker took is given to another worker when this worker has not renewed "
+                             "its lease for this long (it renews it every quarter of it while the task runs, so a "
+                             "slow task is not run twice; a killed machine stops renewing); at least 2 (default 600)")
     parser.add_argument("--stop-when-empty", action="store_true",
                         help="exit when the queue has no task left (e.g. a SLURM array job); default: wait for more")
     args = parser.parse_args(argv)
@@ -461,7 +462,12 @@ def _worker(argv: list[str]) -> int:
     if not settings.data_root.is_dir():
         print(f"error: {settings.data_root}: the data root is not a directory here (--data-root)", file=sys.stderr)
         return EXIT_USAGE
-    from pipeline.queued import run_worker, runner_tasks_done
+    from pipeline.queued import MIN_LEASE_SECONDS, run_worker, runner_tasks_done
+
+    if args.lease_seconds < MIN_LEASE_SECONDS:
+        print(f"error: --lease-seconds {args.lease_seconds}: at least {MIN_LEASE_SECONDS} (a worker renews its lease "
+              "while a task runs; fq:// counts lease ends in whole seconds)", file=sys.stderr)
+        return EXIT_USAGE
 
     print(f"worker {os.getpid()}: tasks of {settings.queue_url}, data root {settings.data_root.absolute()}",
           file=sys.stderr, flush=True)

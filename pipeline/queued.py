@@ -159,7 +159,7 @@ class Batch:
         self.queue_url = queue_url
         self.data_root = Path(data_root).absolute()
         self.name = name
-        self.url, self.sub_queue = build_queue(queue_url, name)
+        self.url, self.sub_queue = build_queue(queue_url, RUN_BATCH + name)
         self.results = queue_results_dir(self.data_root, name)
 
     def insert(self, specs: Iterable[dict]) -> int:
@@ -208,14 +208,14 @@ def remove_ended_batches(data_root: Path, queue_url: str | None, running: Callab
         removed.append(entry.name)
         if queue_url and queue_url.startswith("fq://"):
             builds = Path(queue_url[len("fq://"):]) / BUILDS_DIR
-            for sub in builds.glob(f"{entry.name}-*"):
+            for sub in builds.glob(f"{RUN_BATCH}{entry.name}-*"):
                 remove_build_queue(f"{queue_url.rstrip('/')}/{BUILDS_DIR}/{sub.name}", f"{BUILDS_DIR}/{sub.name}")
     return removed
 
 
 # ------------------------------------------------------------------------------------------
 # the worker's side
-_WORKER: dict[str, Any] = {"data_root": None, "queue_url": None, "done": 0}
+_WORKER: dict[str, Any] = {"data_root": None, "queue_url": None, "done": 0, "igneous": False}
 
 
 def execute_queued(spec: dict) -> None:
@@ -260,7 +260,9 @@ def runner_tasks_done() -> int:
 # sub-queues and polling (igneous's builds and the runner's batches)
 BUILDS_DIR = "builds"
 """Under an fq:// queue directory: one sub-queue per layer build (`<layer>-<random>`) and per
-runner batch (`<animal>-<stage>-<run>-<random>`)."""
+runner batch (`run-<animal>-<stage>-<run>-<random>`)."""
+RUN_BATCH = "run-"
+"""The name of a runner batch's sub-queue starts so: a worker tells them from igneous's builds."""
 
 
 def build_queue(queue_url: str, layer_name: str) -> tuple[str, str]:
@@ -322,13 +324,9 @@ def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool =
     every build's own sub-queue under an fq:// `queue_url` (what the neuroglancer stage inserts
     into, `build_queue`); a task that fails there is left to its build, which fails on it.
     """
-    import igneous.tasks  # noqa: F401  registers igneous's task classes for deserialising
     from taskqueue import queueable
 
-    from pipeline.publish.common import prepare_igneous_process
-
-    prepare_igneous_process()  # igneous's tasks gzip at slidepipe's level and read step-1 layers directly here too
-
+    check_lease_seconds(lease_seconds)
     queueable(execute_queued)  # the runner's tasks (registered here: only workers run them)
     if data_root is not None:
         _WORKER.update(data_root=Path(data_root).absolute(), queue_url=queue_url)
@@ -337,7 +335,10 @@ def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool =
         done = 0
         while True:
             ran = False
-            for url in [queue_url, *_build_queues(queue_url)]:
+            builds = _build_queues(queue_url)
+            if any(not url.rpartition("/")[2].startswith(RUN_BATCH) for url in builds):
+                _prepare_for_igneous()  # igneous's tasks are on its builds' sub-queues only: import it for the first
+            for url in [queue_url, *builds]:
                 try:
                     if _run_one(url, lease_seconds):
                         done += 1
@@ -348,7 +349,23 @@ def run_worker(queue_url: str, lease_seconds: int = 600, stop_when_empty: bool =
                 if stop_when_empty and all(_is_empty(url) for url in [queue_url, *_build_queues(queue_url)]):
                     return done
                 time.sleep(IDLE_SECONDS)
+    _prepare_for_igneous()
     return _poll(queue_url, lease_seconds, stop_when_empty)
+
+
+def _prepare_for_igneous() -> None:
+    """Register igneous's task classes (for deserialising) and set what its tasks need here
+    (`prepare_igneous_process`: slidepipe's gzip level, step-1 layers read directly). Once per
+    process, and only when igneous's tasks may come: the import costs ~2 s of CPU, which a worker
+    that runs only stage tasks (or is restarted often) should not pay."""
+    if _WORKER.get("igneous"):
+        return
+    import igneous.tasks  # noqa: F401
+
+    from pipeline.publish.common import prepare_igneous_process
+
+    prepare_igneous_process()
+    _WORKER["igneous"] = True
 
 
 IDLE_SECONDS = 0.2
@@ -356,9 +373,10 @@ IDLE_SECONDS = 0.2
 
 
 def _run_one(url: str, lease_seconds: int) -> bool:
-    """Lease one task of `url`, run it and delete it; False when none is free (all done, all
-    leased by other workers, or the sub-queue removed by its run). One task per queue in turn,
-    so no queue whose tasks are all leased elsewhere keeps a worker from the others."""
+    """Lease one task of `url`, run it (renewing its lease) and delete it; False when none is
+    free (all done, all leased by other workers, or the sub-queue removed by its run). One task
+    per queue in turn, so no queue whose tasks are all leased elsewhere keeps a worker from the
+    others."""
     from taskqueue import QueueEmptyError, TaskQueue
 
     if _gone(url):
@@ -370,9 +388,49 @@ def _run_one(url: str, lease_seconds: int) -> bool:
         return False
     except FileNotFoundError:  # removed between the check and the lease
         return False
-    task.execute()
+    with _renewing(queue, task, lease_seconds):
+        task.execute()
     queue.delete(task)
     return True
+
+
+MIN_LEASE_SECONDS = 2
+"""The shortest lease a worker takes: fq:// stores lease ends in whole seconds, so a lease of
+`s` seconds may end `s - 1` seconds after it was taken, and the renewal must come before."""
+
+
+def check_lease_seconds(lease_seconds: float) -> None:
+    if lease_seconds < MIN_LEASE_SECONDS:
+        raise QueueTaskError(f"a lease of {lease_seconds} s is too short: at least {MIN_LEASE_SECONDS} s "
+                             "(fq:// counts lease ends in whole seconds)", "--lease-seconds")
+
+
+@contextlib.contextmanager
+def _renewing(queue, task, lease_seconds: int):
+    """Renew the task's lease every quarter of it while it runs here, so no other worker takes a
+    task that is slower than the lease but alive; a killed (or frozen) worker stops renewing and
+    its task goes to another worker once the lease runs out. A failed renewal (the sub-queue
+    removed by its run, a file system hiccup) is logged; the task goes on."""
+    import threading
+
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_seconds / 4):
+            try:
+                queue.renew(task, int(lease_seconds))
+            except FileNotFoundError:  # its sub-queue removed: the run ended, nothing left to renew
+                return
+            except Exception as exc:  # noqa: BLE001  never kill the task for its bookkeeping
+                log.warning("could not renew the lease of a task: %s: %s", type(exc).__name__, exc)
+
+    thread = threading.Thread(target=renew, name="lease-renewal", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _gone(url: str) -> bool:
@@ -392,20 +450,22 @@ def _is_empty(url: str) -> bool:
 
 
 def _poll(queue_url: str, lease_seconds: int, stop_when_empty: bool) -> int:
-    from taskqueue import TaskQueue
-
-    if _gone(queue_url):
-        return 0
-    queue = TaskQueue(queue_url, progress=False)
-    if stop_when_empty and queue.is_empty():
-        return 0
-    # A sub-queue removed by its run while we poll it is a queue with nothing left, not an error.
-    stop = (lambda: _gone(queue_url) or queue.is_empty()) if stop_when_empty else None
-    try:
-        return queue.poll(lease_seconds=int(lease_seconds), stop_fn=stop, verbose=False, max_backoff_window=0.5)
-    except Exception as exc:
-        if _gone(queue_url):
-            return 0
-        raise QueueTaskError(f"a task from the queue failed: {type(exc).__name__}: {exc}", queue_url) from exc
+    """One queue's tasks (`_run_one`, so leases are renewed) until it is empty if asked, or
+    forever; a task that raises ends it with QueueTaskError. A sub-queue removed by its run while
+    we poll it is a queue with nothing left, not an error."""
+    done = 0
+    while True:
+        try:
+            ran = _run_one(queue_url, lease_seconds)
+        except Exception as exc:
+            if _gone(queue_url):
+                return done
+            raise QueueTaskError(f"a task from the queue failed: {type(exc).__name__}: {exc}", queue_url) from exc
+        if ran:
+            done += 1
+        elif stop_when_empty and _is_empty(queue_url):
+            return done
+        else:
+            time.sleep(IDLE_SECONDS)
 
 
