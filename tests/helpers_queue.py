@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
+from sqlalchemy import select
+
+from db.models import FileLog, PipelineRun
+from db.session import init_db, session_scope
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -43,3 +48,20 @@ def worker(queue_url: str, data_root: Path, cwd: Path, *extra: str, **kwargs) ->
         yield proc
     finally:
         stop(proc)
+
+
+def rows(db_url: str, root: Path) -> tuple[list, list]:
+    """pipeline_run and file_log as comparable tuples (no ids, times, hosts or timings). Sizes and
+    checksums of files still there (those `files` compares); not of the step-1 markers the
+    neuroglancer stage deletes (they hold timings) nor of directories (their provenance file
+    holds the date)."""
+    with session_scope(init_db(db_url)) as s:
+        runs = [(r.stage, r.channel, r.resolution, r.status, r.tasks_total, r.tasks_run, r.tasks_skipped,
+                 r.tasks_failed) for r in s.scalars(select(PipelineRun).order_by(PipelineRun.id))]
+        logs = []
+        for f in s.scalars(select(FileLog)):
+            exact = (root / f.path).is_file()
+            logs.append((f.path, f.kind, f.task_key, f.fingerprint, f.run.stage if f.run else None,
+                         f.run.resolution if f.run else None, f.size if exact else None,
+                         f.checksum if exact else None, tuple(sorted(i.path for i in f.inputs))))
+    return runs, sorted(logs, key=repr)

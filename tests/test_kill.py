@@ -6,6 +6,12 @@ from a seed, and run again. The rerun must exit 0 and leave exactly the files of
 run (sha256 of every file; web pages, which name run ids, aside), no temp file, no `file_log`
 row describing a file other than the one on disk, and every killed run recorded as failed.
 
+The same on the task queue, in one chain of every stage through an fq:// queue with MariaDB and
+two `create_pipeline worker`s (`test_every_stage_through_a_queue_killed_at_seeded_points_...`):
+each stage of KILLED is SIGKILLed at three seeded points (workers, then runner and worker) and
+rerun; the end state must equal the reference chain's files and file_log rows. It also shows
+lease renewal (a worker paused past its lease keeps its task) and a failing task's report.
+
 A kill point is a drawn fraction (0-0.8) of the stage's own duration in the reference run (its
 pipeline_run row's start to end, process start-up not counted), counted from the killed run's
 start; and at the latest when that run has recorded all but one of the rows left to do, so a run
@@ -36,10 +42,11 @@ from sqlalchemy import create_engine, func, insert, select
 
 from db.models import Base, FileLog, PipelineRun
 from db.session import init_db, session_scope
-from pipeline.atomic import is_temp
+from pipeline.atomic import PAUSE_ENV, is_temp
 from pipeline.runner import path_stats
 from pipeline.sample import build_sample
 from tests.conftest import _drop_database
+from tests.helpers_queue import rows
 
 pytestmark = pytest.mark.filterwarnings("ignore:builtin type [Ss]wig")
 
@@ -48,7 +55,7 @@ SEED = 9  # issue 9
 ANIMAL = "DEMO"
 
 THUMBNAIL_CHAIN = ["extract", "mask", "clean", "histogram", "align", "create_metrics", "neuroglancer", "omezarr"]
-CHAIN = [(s, True) for s in THUMBNAIL_CHAIN] + [(s, False) for s in ("mask", "clean", "align", "neuroglancer")]
+CHAIN = [(s, True) for s in THUMBNAIL_CHAIN] + [(s, False) for s in THUMBNAIL_CHAIN]
 KILLED = [(s, True) for s in THUMBNAIL_CHAIN] + [("clean", False), ("neuroglancer", False)]
 ON_MARIADB_TOO = {("histogram", True), ("neuroglancer", False)}
 """A per-section stage with a stack-wide task and a published pyramid on MariaDB as well; all of
@@ -179,7 +186,8 @@ def _without(value, keys):
 
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file under the data root, by relative path (HTML pages, which name the
-    runs that made each file, by presence only)."""
+    runs that made each file, by presence only; in the JSON files that record times or mtimes,
+    those left out)."""
     out = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
@@ -187,6 +195,10 @@ def tree_digest(root: Path) -> dict[str, str]:
             out[rel] = "web page"
         elif path.name == "provenance" and "neuroglancer_data" in rel:
             data = _without(json.loads(path.read_text()), VOLATILE_JSON_KEYS)
+            out[rel] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+        elif path.name == "zarr.json" and path.parent.name.endswith(".ome.zarr"):
+            # its resume signature covers the input files' mtimes, which differ in a chain made anew
+            data = _without(json.loads(path.read_text()), {"signature"})
             out[rel] = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
         else:
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -458,13 +470,51 @@ def test_database_unreachable_mid_run(reference, tmp_path, _mysql_server):
 
 QUEUE_LEASE = 2
 """Seconds before a task of a killed worker is given to the next one (the worker's --lease-seconds)."""
+PAUSED = "full_masked/DEMO_slide01_S2.tif"
+"""The full-resolution mask whose writer (a worker) is SIGKILLed while it pauses before the rename
+(a stage the seeded points leave alone, so its run ends by itself: `pause_queued_stage`)."""
+NO_DB = {"SLIDEPIPE_DB_URL": "mysql+pymysql://nobody@127.0.0.1:1/none"}
+"""Workers never open the database: they are given one that cannot be reached."""
 
 
-def start_worker(queue_url: str, root: Path, log: Path) -> subprocess.Popen:
-    with open(log, "a") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipeline", "worker", "--queue", queue_url, "--data-root", str(root),
-                                 "--lease-seconds", str(QUEUE_LEASE)], env=cli_env(), start_new_session=True,
-                                stdout=out, stderr=subprocess.STDOUT)
+class Workers:
+    """The queued chain's two `create_pipeline worker` slots, each restarted as often as it is
+    killed: slot 0 runs from one directory and sees the data root where the runner does, slot 1
+    from another and through a symlink (as on another machine), so a task must carry paths
+    relative to the data root. Each process logs to a file of its own."""
+
+    def __init__(self, queue: str, roots: tuple[Path, Path], logs: Path):
+        self.queue, self.roots, self.logs = queue, roots, logs
+        self.procs: list[subprocess.Popen | None] = [None, None]
+        self.started: list[list[Path]] = [[], []]
+
+    def start(self, slot: int, env: dict | None = None) -> subprocess.Popen:
+        log = self.logs / f"worker{slot}-{len(self.started[slot])}.log"
+        self.started[slot].append(log)
+        cwd = self.logs / f"cwd{slot}"
+        cwd.mkdir(exist_ok=True)
+        with open(log, "w") as out:
+            self.procs[slot] = subprocess.Popen(
+                [sys.executable, "-m", "pipeline", "worker", "--queue", self.queue, "--data-root", str(self.roots[slot]),
+                 "--lease-seconds", str(QUEUE_LEASE)], cwd=cwd, env={**cli_env(), **NO_DB, **(env or {})},
+                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
+        return self.procs[slot]
+
+    def kill(self, slot: int) -> bool:
+        """SIGKILL the slot's worker; True when it was running."""
+        return killpg(self.procs[slot])
+
+    def stop(self) -> None:
+        """SIGTERM both (each says how many tasks it ran), SIGKILL what does not end."""
+        for proc in self.procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            if proc is not None:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    killpg(proc)
 
 
 def killpg(proc: subprocess.Popen) -> bool:
@@ -476,64 +526,182 @@ def killpg(proc: subprocess.Popen) -> bool:
     return running
 
 
-@pytest.mark.parametrize("stage", ["histogram", "neuroglancer"])
-def test_queue_worker_and_runner_killed_at_seeded_points_then_rerun(reference, stage, sqlite_url, tmp_path):
-    """Points 0 and 1 SIGKILL the worker mid-stage (the next worker redoes its task after the
-    lease), point 2 the runner and the worker; a rerun with a new worker completes. A point is
-    a drawn number of rows the runner recorded, then a drawn delay up to 1 s."""
-    step = reference[(stage, True)]
-    root = start_from(step, tmp_path, sqlite_url)
-    queue = f"fq://{tmp_path / 'queue'}"
-    rng = random.Random(f"{SEED}:queue:{stage}")
-    engine = create_engine(sqlite_url)
-    procs: list[subprocess.Popen] = []
-    try:
-        with open(tmp_path / "runner.log", "w") as out:
-            runner = subprocess.Popen([*cli_args(root, sqlite_url, stage, True), "--queue", queue], env=cli_env(),
-                                      start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
-        procs.append(runner)
-        worker = start_worker(queue, root, tmp_path / "workers.log")
-        procs.append(worker)
-        run = None
-        while run is None and runner.poll() is None:
-            run = _newest_run(engine, step, 0)
-            time.sleep(0.005)
-        assert run is not None, (tmp_path / "runner.log").read_text()
-        hits = []
-        thresholds = sorted(rng.sample(range(step.rows - 1), 3))  # rows recorded before each kill
-        for point, threshold in enumerate(thresholds):
-            while runner.poll() is None and _recorded(engine, run.id) < threshold:
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0, 0.1))  # results arrive in bursts (the runner polls every 0.2 s)
-            hits.append(_recorded(engine, run.id) < step.rows and killpg(worker))  # killed with work left
-            if point == 2:
-                killpg(worker)
-                hits[-1] = killpg(runner) and hits[-1]
-            else:
-                killpg(worker)
-                worker = start_worker(queue, root, tmp_path / "workers.log")
-                procs.append(worker)
-            print(f"queue {stage}: point {point}: after {threshold} rows: {'killed' if hits[-1] else 'no work left'} with "
-                  f"{_recorded(engine, run.id)} rows recorded")
-        assert hits[0], "the first point came after the stage's work"
-        assert rows_not_matching_disk(sqlite_url, root, set(), run.id) == []
+def start_queued(root: Path, db_url: str, step: Step, queue: str, log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen([*cli_args(root, db_url, step.stage, step.downsample), "--queue", queue], env=cli_env(),
+                                start_new_session=True, stdout=out, stderr=subprocess.STDOUT)
 
-        worker = start_worker(queue, root, tmp_path / "workers.log")
-        procs.append(worker)
-        rerun = subprocess.run([*cli_args(root, sqlite_url, stage, True), "--queue", queue], env=cli_env(),
+
+def wait_until(predicate, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def _recorded_path(engine, run_id: int, suffix: str) -> bool:
+    with session_scope(engine) as s:
+        return s.scalar(select(func.count(FileLog.id)).where(FileLog.FK_pipeline_run_id == run_id,
+                                                             FileLog.path.endswith(suffix))) > 0
+
+
+def kill_queued_stage(step: Step, root: Path, db_url: str, queue: str, workers: Workers, logs: Path,
+                      last_id: int) -> tuple[int, int | None]:
+    """Run one stage through the queue, SIGKILLed at three seeded points: a point is a drawn
+    fraction (0-0.8) of the stage's duration in the reference run, counted from the run's start
+    (the last one at the latest when the runner recorded all but one of the rows). Points 0
+    and 1 kill a worker (slot 0, then slot 1; the other worker redoes its task
+    after the lease, the killed one is restarted), point 2 the runner and the worker of slot 0;
+    then a rerun completes the stage. Returns (the last run's id, the killed runner's run id or
+    None when the stage ended before point 2)."""
+    rng = random.Random(f"{SEED}:queue:{step.stage}:{step.resolution}")
+    delays = sorted(rng.uniform(0, 0.8) * step.seconds for _ in range(3))
+    engine = create_engine(db_url)
+    try:
+        runner = start_queued(root, db_url, step, queue, logs / f"{step.stage}-{step.resolution}.log")
+        wait_until(lambda: runner.poll() is not None or _newest_run(engine, step, last_id) is not None, "the run")
+        run = _newest_run(engine, step, last_id)
+        assert run is not None, (logs / f"{step.stage}-{step.resolution}.log").read_text()
+        began = time.monotonic()
+        for point, delay in enumerate(delays):
+            cap = step.rows - 1 if point == 2 and step.rows > 1 else step.rows
+            wait_until(lambda: runner.poll() is not None or time.monotonic() - began >= delay
+                       or _recorded(engine, run.id) >= cap, "the kill point")
+            slot = point % 2
+            left = _recorded(engine, run.id) < step.rows
+            hit = (killpg(runner) if point == 2 else True) and workers.kill(slot) and left
+            workers.start(slot)
+            print(f"queue {step.stage} {step.resolution}: point {point}: {delay:.3f} s of {step.seconds:.3f} s: "
+                  f"{'killed' if hit else 'no work left'} with {_recorded(engine, run.id)} of {step.rows} rows recorded")
+        runner.wait(timeout=300)
+        assert rows_not_matching_disk(db_url, root, set(), run.id) == []
+        state, _ = run_status(engine, run.id)
+        if state == "success":
+            assert runner.returncode == 0
+            return run.id, None
+        assert state == "running" and runner.returncode == -signal.SIGKILL, state
+        rerun = subprocess.run([*cli_args(root, db_url, step.stage, step.downsample), "--queue", queue], env=cli_env(),
                                capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr
-        killpg(worker)
-        assert temp_files(root) == []
-        removed = removed_paths(step.after / "data", sqlite_of(step.after))
-        assert rows_not_matching_disk(sqlite_url, root, removed) == []
-        got, expected = tree_digest(root), tree_digest(step.after / "data")
-        assert sorted(set(got) ^ set(expected)) == []  # e.g. no result files of the killed run's batch
-        assert [p for p in expected if got[p] != expected[p]] == []
-        if hits[2]:
-            state, error = run_status(engine, run.id)
-            assert state == "failed" and "taken over" in error, error
+        return _newest_run(engine, step, run.id).id, run.id
     finally:
-        for proc in procs:
-            killpg(proc)
         engine.dispose()
+
+
+def pause_queued_stage(step: Step, root: Path, db_url: str, queue: str, workers: Workers, logs: Path) -> Path:
+    """Run one stage through the queue with the worker of slot 0 alone and paused (the test hook)
+    with `PAUSED` written under its temporary name: it renews its lease, so the worker of slot 1,
+    started then, must leave that task alone for twice the lease and more; SIGKILLed, it stops
+    renewing, and slot 1 (the data root through a symlink) redoes the task after the lease. The
+    partial file is never recorded. Returns it (the stage's next run clears it)."""
+    engine = create_engine(db_url)
+    try:
+        for slot in (0, 1):
+            workers.kill(slot)
+        log = logs / f"{step.stage}-{step.resolution}.log"
+        paused = workers.start(0, {PAUSE_ENV: PAUSED})
+        runner = start_queued(root, db_url, step, queue, log)
+        wait_until(lambda: "paused before renaming" in workers.started[0][-1].read_text(), "the pause hook")
+        run = _newest_run(engine, step, 0)
+        partial = root / f"{ANIMAL}/preps/masks/CH1/{PAUSED}".replace(".tif", f".tmp-{paused.pid}.tif")
+        assert partial.is_file(), sorted(p.name for p in partial.parent.iterdir())
+        workers.start(1)
+        time.sleep(2 * QUEUE_LEASE + 1)
+        assert not _recorded_path(engine, run.id, PAUSED), "the task of a live worker was given to another one"
+        assert workers.kill(0)
+        wait_until(lambda: _recorded_path(engine, run.id, PAUSED), "the paused task redone", 60)
+        workers.start(0)
+        assert runner.wait(timeout=300) == 0, log.read_text()
+        assert partial.is_file() and not _recorded_path(engine, run.id, partial.name)
+        return partial
+    finally:
+        engine.dispose()
+
+
+def run_queued(root: Path, db_url: str, step: Step, queue: str) -> None:
+    done = subprocess.run([*cli_args(root, db_url, step.stage, step.downsample), "--queue", queue], env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (step.stage, step.resolution, done.stderr)
+
+
+@pytest.mark.mysql
+def test_every_stage_through_a_queue_killed_at_seeded_points_equals_the_local_chain(reference, tmp_path, _mysql_server):
+    """The tiny sample through every stage of CHAIN on an fq:// queue with two workers and
+    MariaDB, each stage of KILLED SIGKILLed at three seeded points (`kill_queued_stage`), must
+    end with the reference chain's files (byte for byte) and file_log rows, every killed run
+    recorded as failed; then a task that fails in a worker is reported with its file and reason."""
+    name = f"slidepipe_test_{uuid.uuid4().hex[:12]}"
+    db_url = _mysql_server.set(database=name).render_as_string(hide_password=False)
+    root = tmp_path / "shared" / "data"
+    shutil.copytree(reference[CHAIN[0]].before / "data", root)
+    (tmp_path / "elsewhere").mkdir()
+    mounted = tmp_path / "elsewhere" / "mnt"  # the same data root at another path, as on another machine
+    mounted.symlink_to(root)
+    queue = f"fq://{tmp_path / 'queue'}"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(queue, (root, mounted), logs)
+    killed: list[int] = []
+    try:
+        copy_database(sqlite_of(reference[CHAIN[0]].before), db_url)
+        workers.start(0)
+        workers.start(1)
+        last_id = 0
+        for stage, downsample in CHAIN:
+            step = reference[(stage, downsample)]
+            if (stage, downsample) in KILLED:
+                last_id, run_id = kill_queued_stage(step, root, db_url, queue, workers, logs, last_id)
+                killed += [run_id] if run_id else []
+            elif (stage, downsample) == ("mask", False):
+                partial = pause_queued_stage(step, root, db_url, queue, workers, logs)
+            else:
+                run_queued(root, db_url, step, queue)
+        # A task that fails in a worker: the runner names the file (as the runner sees it) and the reason.
+        broken = root / "DEMO/preps/thumbnail_original/DEMO_slide01_S1_C1.tif"
+        saved = broken.read_bytes()
+        broken.write_bytes(b"not a TIFF")
+        failed = subprocess.run([*cli_args(root, db_url, "mask", True), "--queue", queue], env=cli_env(),
+                                capture_output=True, text=True, timeout=300)
+        broken.write_bytes(saved)
+    finally:
+        workers.stop()
+        for log in sorted(logs.glob("*.log")):  # shown when the test fails
+            print(f"--- {log.name}:\n{log.read_text()}")
+    try:
+        assert failed.returncode == 1, failed.stderr
+        errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {broken}: "), failed.stderr
+        assert "1 failed" in failed.stderr
+
+        final = reference[CHAIN[-1]].after
+        # The killed writers' temporary files were cleared by the reruns, but for the paused one's.
+        assert temp_files(root) == [partial.relative_to(root).as_posix()]
+        partial.unlink()
+        got, expected = tree_digest(root), tree_digest(final / "data")
+        assert sorted(set(got) ^ set(expected)) == []  # e.g. no result files of a killed run's batch
+        assert [p for p in expected if got[p] != expected[p]] == []
+        assert not any((tmp_path / "queue" / "builds").iterdir()), "every batch removed its sub-queue"
+
+        # file_log: the rows of the reference chain, each once, whichever run (killed or not) recorded
+        # it; the failing rerun added the broken thumbnail as an external input, nothing else.
+        runs, logs_rows = rows(db_url, root)
+        ref_runs, ref_logs = rows(sqlite_of(final), final / "data")
+        broken_rel = broken.relative_to(root).as_posix()
+        extra = [r for r in logs_rows if r[0] == broken_rel and r[1] == "external" and r not in ref_logs]
+        assert len(extra) <= 1 and [r for r in logs_rows if r not in extra] == ref_logs
+        # pipeline_run: per stage the killed runs (failed), then one success with the reference's task count.
+        engine = create_engine(db_url)
+        try:
+            for run_id in killed:
+                state, error = run_status(engine, run_id)
+                assert state == "failed" and "taken over" in error, (run_id, error)
+        finally:
+            engine.dispose()
+        assert runs[-1][:4] == ("mask", 1, "thumbnail", "failed") and runs[-1][5:] == (0, 5, 1)
+        succeeded = [r for r in runs[:-1] if r[3] == "success"]
+        assert [r[:3] + r[4:5] for r in succeeded] == [r[:3] + r[4:5] for r in ref_runs]
+        assert all(r[3] == "failed" for r in runs[:-1] if r[3] != "success")
+        assert len(runs) - 1 - len(succeeded) == len(killed)
+        print(f"{len(killed)} runners killed and rerun: {killed}")
+    finally:
+        _drop_database(_mysql_server, name)
