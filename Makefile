@@ -23,9 +23,13 @@ demo: $(VENV)/.installed
 	$(PY) -m pipeline sample --animal $(ANIMAL) --data-root $(DATA_ROOT)
 	bash scripts/demo.sh $(PY) $(ANIMAL) $(DATA_ROOT)
 
+# One pytest process per core, at least 2 (pytest-xdist): many tests wait on subprocesses, servers
+# and the browser. A module runs whole in one process, so its fixtures are built once; a session
+# fixture used by several modules may be built in each. PYTEST_PROCS=0 runs in one process.
+PYTEST_PROCS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -lt 2 ] && n=2; echo $$n)
 test: $(VENV)/.installed
 	@bash scripts/system-deps.sh test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_PROCS) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	PYTHONPATH=$(CURDIR) $(PY) -m bench $(BENCH_ARGS)
